@@ -1,0 +1,1 @@
+"""Triton kernels of prism_mcore (installed as `prism_kernels`)."""

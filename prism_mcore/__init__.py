@@ -1,0 +1,1 @@
+"""prism_mcore: PRISM for vision-language models on Megatron-Core."""
