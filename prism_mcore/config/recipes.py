@@ -1,0 +1,93 @@
+"""Named recipes: Python functions that return a `Config`.
+
+`embedded` is the default: the whole pipeline on the tiny models and synthetic task built locally, sized to finish
+on a 2-core CPU in minutes. `prism` is the released PRISM setting (PRISM_SPEC §2-§5) with its defaults untouched;
+cluster recipes in examples/recipes/ start from it. A recipe may also be a file: a `.py` file defining `recipe()`,
+or a `.json` config (for instance a run folder's saved `config.json`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from prism_mcore.config.overrides import ConfigError, apply_dict
+from prism_mcore.config.schema import Config
+
+RECIPES: dict[str, Callable[[], Config]] = {}
+
+
+def register(fn: Callable[[], Config]) -> Callable[[], Config]:
+    RECIPES[fn.__name__] = fn
+    return fn
+
+
+@register
+def prism() -> Config:
+    """The released PRISM hyper-parameters (Qwen3-VL-4B policy, 2B->MoE discriminator; set model paths)."""
+    return Config()
+
+
+@register
+def embedded() -> Config:
+    """All stages on the embedded tiny Qwen3-VL and synthetic visual-reasoning task, on one CPU machine."""
+    config = Config()
+    config.run.name = "embedded"
+    config.run.output_dir = "runs/embedded"
+    config.data.max_prompt_length = 256
+    config.data.max_response_length = 128
+    config.data.max_tokens_per_microbatch = 2048
+    config.rollout.n = 8
+    config.rollout.max_new_tokens = 128
+    config.sft.global_batch_size = 16
+    config.sft.micro_batch_size = 8
+    config.sft.max_length = 384
+    config.sft.epochs = 2.0
+    config.sft.save_every = 200
+    config.sft.optim.lr = 2e-3
+    config.warmup.global_batch_size = 16
+    config.warmup.micro_batch_size = 8
+    config.warmup.max_length = 384
+    config.warmup.optim.lr = 5e-4
+    config.warmup.self_play_pairs = 256
+    config.warmup.save_every = 100
+    config.align.steps = 30
+    config.align.prompts_per_step = 8
+    config.align.save_every = 10
+    config.align.eval_every = 0
+    config.align.policy_optim.lr = 1e-4
+    config.align.discriminator_optim.lr = 1e-4
+    config.rlvr.steps = 30
+    config.rlvr.prompts_per_step = 8
+    config.rlvr.save_every = 10
+    config.rlvr.eval_every = 0
+    config.rlvr.optim.lr = 1e-4
+    return config
+
+
+def load_recipe(name_or_path: str) -> Config:
+    """A registered recipe by name, or a recipe file (`.py` with `recipe()`, or `.json`)."""
+    if name_or_path in RECIPES:
+        return RECIPES[name_or_path]()
+    path = Path(name_or_path)
+    if not path.exists():
+        raise ConfigError(f"unknown recipe {name_or_path!r}: not a file and not one of {', '.join(sorted(RECIPES))}")
+    if path.suffix == ".json":
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        return apply_dict(Config(), values)
+    if path.suffix == ".py":
+        spec = importlib.util.spec_from_file_location(f"prism_recipe_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        if not callable(getattr(module, "recipe", None)):
+            raise ConfigError(f"{path}: a recipe file must define recipe() -> Config")
+        config = module.recipe()
+        if not isinstance(config, Config):
+            raise ConfigError(f"{path}: recipe() returned {type(config).__name__}, not Config")
+        return config
+    raise ConfigError(f"{path}: a recipe file must be .py (defining recipe()) or .json")

@@ -1,0 +1,144 @@
+"""Process-group and model-parallel setup, seeding, device selection and shutdown.
+
+`init_distributed` works the same under `torchrun` (it reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT) and as a plain single process (it makes a one-rank group on a free local port). With CUDA it uses NCCL
+and binds each rank to its local GPU; without CUDA it uses gloo and applies the CPU compatibility layer first, so the
+same Megatron code runs in both places. Model-parallel groups (TP, PP, EP, CP; DP is what remains) come from
+Megatron-Core's `parallel_state`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from prism_mcore.config.schema import ParallelConfig
+from prism_mcore.runtime import compat
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """What a rank needs to know about its place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    tp: int
+    pp: int
+    ep: int
+    cp: int
+    dp: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, and Megatron's model-parallel RNG tracker when its groups exist.
+
+    Megatron's tracker gives TP ranks different dropout streams and the DP ranks identical ones (seed + 2718 + tp
+    rank for the model-parallel state, seed + 1024 + 100·ep rank for experts), so results do not depend on layout.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def init_distributed(parallel: ParallelConfig | None = None, seed: int = 42) -> DistEnv:
+    """Create the process group and Megatron's model-parallel groups; idempotent within a process."""
+    parallel = parallel or ParallelConfig()
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        compat.apply_cpu_patches()
+    compat.install_te_import_workaround()
+
+    if "RANK" not in os.environ:  # a plain `python ...` run: one rank on this machine
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(minutes=parallel.timeout_minutes),
+        )
+
+    model_parallel = parallel.tensor * parallel.pipeline * parallel.context
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor x pipeline x context = "
+            f"{parallel.tensor} x {parallel.pipeline} x {parallel.context}"
+        )
+    dp = world_size // model_parallel
+    if (dp * parallel.context) % parallel.expert:
+        raise ValueError(f"expert parallel size {parallel.expert} must divide data x context parallel = {dp}")
+
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor,
+            pipeline_model_parallel_size=parallel.pipeline,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+            context_parallel_size=parallel.context,
+            expert_model_parallel_size=parallel.expert,
+            distributed_timeout_minutes=parallel.timeout_minutes,
+        )
+    seed_everything(seed)
+    return DistEnv(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+        backend=backend,
+        tp=parallel.tensor,
+        pp=parallel.pipeline,
+        ep=parallel.expert,
+        cp=parallel.context,
+        dp=dp,
+    )
+
+
+def shutdown() -> None:
+    """Tear down Megatron's groups and the process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

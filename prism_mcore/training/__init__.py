@@ -1,0 +1,1 @@
+"""Megatron training: the shared train step, optimizer and schedules, log-probs, checkpointing, metrics."""
