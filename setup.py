@@ -46,7 +46,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "gpu": ["transformer-engine[pytorch]>=2.8", "flash-attn>=2.7"],
     "sglang": ["sglang[all]==0.5.23"],
-    "dali": ["nvidia-dali-cuda120>=2.0; python_version>='3.10'"],
+    "dali": ["nvidia-dali-cuda120>=2.0"],
     "dali-cu13": ["nvidia-dali-cuda130>=2.0"],
     "tensorboard": ["tensorboard>=2.19"],
     "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],

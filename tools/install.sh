@@ -18,8 +18,9 @@ EXTRAS=${PRISM_EXTRAS:-dev}
 TORCH_SPEC=${PRISM_TORCH:-torch==2.13.0}
 
 py_minor=$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-# A base interpreter that already has a CUDA torch (NGC images) keeps it: the venv sees system site-packages.
-system_torch=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null || echo 0)
+# A base interpreter that already has a CUDA build of torch (NGC images) keeps it, with its Transformer Engine and
+# flash-attn: the venv then sees the system site-packages. (A CUDA build, not a visible GPU: docker build has none.)
+system_torch=$("$PYTHON" -c 'import torch; print(int(torch.version.cuda is not None))' 2>/dev/null || echo 0)
 
 stamp_inputs=$(cat setup.py requirements/megatron.txt tools/install.sh; echo "$py_minor $EXTRAS $TORCH_SPEC $system_torch")
 stamp=$(printf '%s' "$stamp_inputs" | sha256sum | cut -c1-16)
@@ -54,4 +55,4 @@ mg_flags=(--no-deps)
 "${pip[@]}" "${mg_flags[@]}" -r requirements/megatron.txt
 
 echo "$stamp" > "$VENV/.prism_stamp"
-echo "[install] done: $("$VENV/bin/python" -c 'import torch, megatron.core, transformers; print("torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)')"
+echo "[install] done: $("$VENV/bin/python" -W ignore -c 'import torch, megatron.core, transformers; print("torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)')"

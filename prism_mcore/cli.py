@@ -1,0 +1,83 @@
+"""Command line: `python -m prism_mcore COMMAND [--recipe NAME|FILE] [section.field=value ...]`.
+
+Commands: `run` executes the stages listed in `run.stages` in order (the whole PRISM pipeline by default); `sft`,
+`warmup`, `align`, `rlvr` run one stage; `config` prints the resolved config; `recipes` lists the named recipes.
+The resolved config is saved as `<run.output_dir>/config.json` before any stage starts. Under `torchrun` every rank
+runs the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+
+from prism_mcore.config import RECIPES, STAGES, Config, ConfigError, apply_overrides, load_recipe, save_config, to_dict
+from prism_mcore.training.metrics import global_rank
+
+STAGE_HELP = {
+    "sft": "Stage 1: supervised fine-tuning of the policy on multimodal demonstrations",
+    "warmup": "discriminator warmup: pairwise Bradley-Terry on caption and CoT pairs",
+    "align": "Stage 2: PRISM alignment against the MoE discriminator",
+    "rlvr": "Stage 3: RLVR (GRPO, DAPO or GSPO) with the verifiable reward",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m prism_mcore",
+        description="PRISM (SFT -> adversarial distribution alignment -> RLVR) for Qwen3-VL on Megatron-Core.",
+        epilog="Overrides are dotted keys, e.g. align.policy_optim.lr=1e-6 parallel.tensor=2 rollout.n=8.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> None:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--recipe", default="embedded", help=f"one of {', '.join(RECIPES)}, or a .py/.json file")
+        sub.add_argument("overrides", nargs="*", metavar="section.field=value")
+
+    add("run", "run the stages of run.stages in order (default: sft warmup align rlvr)")
+    for stage in STAGES:
+        add(stage, STAGE_HELP[stage])
+    add("config", "print the resolved config as JSON")
+    commands.add_parser("recipes", help="list the named recipes")
+    return parser
+
+
+def resolve_config(recipe: str, overrides: list[str]) -> Config:
+    return apply_overrides(load_recipe(recipe), overrides)
+
+
+def _stage_runner(stage: str):
+    module_name = f"prism_mcore.stages.{stage}"
+    if importlib.util.find_spec("prism_mcore.stages") is None or importlib.util.find_spec(module_name) is None:
+        raise ConfigError(f"stage {stage!r} is not part of this build yet ({module_name} is missing)")
+    return importlib.import_module(module_name).run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "recipes":
+        for name, fn in RECIPES.items():
+            print(f"{name:10s} {(fn.__doc__ or '').strip()}")
+        return 0
+    try:
+        config = resolve_config(args.recipe, args.overrides)
+        if args.command == "config":
+            print(json.dumps(to_dict(config), indent=2))
+            return 0
+        stages = config.run.stages if args.command == "run" else [args.command]
+        unknown = [stage for stage in stages if stage not in STAGES]
+        if unknown:
+            raise ConfigError(f"run.stages: unknown stage(s) {unknown}; allowed: {', '.join(STAGES)}")
+        runners = [_stage_runner(stage) for stage in stages]
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if global_rank() == 0:
+        save_config(config, f"{config.run.output_dir}/config.json")
+    for runner in runners:
+        runner(config)
+    return 0
