@@ -1,0 +1,39 @@
+"""tools/bench_kernels.py runs on CPU at tiny sizes and appends well-formed rows to the file it is given."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_kernels.py"
+
+
+def _load_tool(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_kernels", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_appends_one_row_per_kernel(tmp_path, monkeypatch):
+    bench = _load_tool(monkeypatch)
+    out = tmp_path / "BENCHMARKS.md"
+    argv = ["--tiny", "--repeats", "1", "--out", str(out)]
+    bench.main(argv)
+    bench.main(argv)
+
+    text = out.read_text()
+    assert text.count(bench.TABLE_HEADER) == 1
+    rows = [line for line in text.splitlines() if line.startswith("| 20")]
+    assert len(rows) == 6
+    expected_device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
+    for row, kernel in zip(rows, ["linear_logprobs", "alignment_advantage", "discriminator_loss"] * 2, strict=True):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert len(cells) == 12
+        assert cells[1] == expected_device and cells[2] == kernel
+        assert float(cells[5]) > 0 and float(cells[6]) > 0
+        assert cells[11] == "`python tools/bench_kernels.py --tiny --repeats 1 --out " + str(out) + "`"
