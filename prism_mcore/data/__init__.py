@@ -1,0 +1,1 @@
+"""Data: dataset readers, multimodal sample building, batching, the image pipeline and the embedded synthetic task."""

@@ -1,0 +1,174 @@
+"""Packing, padding and token-budget batching; packed and padded batches give transformers' Qwen3-VL the same loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import Qwen3VLForConditionalGeneration
+
+from prism_mcore.data.batching import (
+    pack_sequences,
+    pad_sequences,
+    stream_token_budget_batches,
+    token_budget_batches,
+)
+from prism_mcore.data.readers import ChatMessage, RowOrigin, SftExample
+from prism_mcore.data.samples import IGNORE_INDEX, SampleBuilder, TokenSequence
+from prism_mcore.record import ImageInputs
+
+
+def toy(
+    ids: list[int], labels: list[int] | None = None, images: int = 0, score_index: int | None = None
+) -> TokenSequence:
+    """A hand-made sequence: positions 10*i + row so every row and token is distinguishable; `images` 1x2x2 grids."""
+    length = len(ids)
+    positions = torch.stack([torch.arange(length) * 10 + row for row in range(3)])
+    image_inputs = None
+    if images:
+        pixel_values = torch.arange(images * 4 * 2, dtype=torch.float32).reshape(images * 4, 2) + ids[0] * 100
+        image_inputs = ImageInputs(pixel_values, torch.tensor([[1, 2, 2]] * images))
+    return TokenSequence(
+        input_ids=torch.tensor(ids),
+        position_ids=positions,
+        labels=None if labels is None else torch.tensor(labels),
+        image_inputs=image_inputs,
+        score_index=score_index,
+    )
+
+
+def test_pack_concatenates_sequences_with_boundaries() -> None:
+    first = toy([1, 2, 3], [IGNORE_INDEX, 2, 3], images=1, score_index=2)
+    second = toy([4, 5], None, images=0, score_index=0)
+    third = toy([6, 7, 8, 9], [IGNORE_INDEX, IGNORE_INDEX, 8, 9], images=2, score_index=3)
+    batch = pack_sequences([first, second, third])
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    assert batch.cu_seqlens.dtype == torch.int32 and batch.cu_seqlens.tolist() == [0, 3, 5, 9]
+    assert (batch.max_seqlen, batch.num_sequences, batch.num_tokens) == (4, 3, 9)
+    # Each sequence keeps its own positions (restarting at 0), for all three MRoPE rows.
+    assert batch.position_ids.shape == (3, 1, 9)
+    assert batch.position_ids[0, 0].tolist() == [0, 10, 20, 0, 10, 0, 10, 20, 30]
+    assert batch.position_ids[2, 0].tolist() == [2, 12, 22, 2, 12, 2, 12, 22, 32]
+    assert batch.sequence_position_ids().tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch.hf_position_ids().shape == (4, 1, 9)
+    assert batch.labels.tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 8, 9]]
+    assert batch.loss_mask.sum().item() == 4
+    # Shifted: position t holds the label of t+1 within the same sequence; each sequence's last token has none.
+    assert batch.next_token_labels().tolist() == [
+        [2, 3, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 8, 9, IGNORE_INDEX]
+    ]
+    assert batch.score_indices.tolist() == [2, 3, 8]
+    # Images in sequence order: first's one image, then third's two.
+    assert batch.image_grid_thw.tolist() == [[1, 2, 2]] * 3
+    assert torch.equal(
+        batch.pixel_values, torch.cat([first.image_inputs.pixel_values, third.image_inputs.pixel_values])
+    )
+
+
+def test_pad_right_pads_with_attention_mask() -> None:
+    batch = pad_sequences([toy([1, 2, 3], [IGNORE_INDEX, 2, 3]), toy([4, 5])], pad_token_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch.labels.tolist() == [[IGNORE_INDEX, 2, 3], [IGNORE_INDEX] * 3]
+    assert batch.position_ids[1].tolist() == [[1, 11, 21], [1, 11, 0]]
+    assert batch.pixel_values is None and batch.image_grid_thw is None and batch.score_indices is None
+
+
+def test_a_batch_mixing_scored_and_unscored_sequences_is_refused() -> None:
+    with pytest.raises(ValueError, match="score index"):
+        pack_sequences([toy([1, 2], score_index=1), toy([3])])
+
+
+def test_token_budget_batches_packed_first_fit_decreasing() -> None:
+    # Longest first: 8 -> [8]; 6 -> new; 5 -> new; 3 joins 6 (9); 2 joins 8 (10).
+    assert token_budget_batches([5, 3, 8, 2, 6], max_tokens=10) == [[2, 3], [4, 1], [0]]
+
+
+def test_token_budget_batches_padded_costs_longest_times_size() -> None:
+    # 8 alone; 6 alone (2*8 > 10); 5 alone (2*6 > 10); 3 joins 5 (2*5 = 10); 2 starts anew (3*5 > 10).
+    assert token_budget_batches([5, 3, 8, 2, 6], max_tokens=10, padded=True) == [[2], [4], [0, 1], [3]]
+
+
+def test_token_budget_batches_rejects_a_sequence_over_the_budget() -> None:
+    with pytest.raises(ValueError, match="11 tokens"):
+        token_budget_batches([3, 11], max_tokens=10)
+
+
+def test_stream_token_budget_batches_groups_within_windows() -> None:
+    sequences = [toy([index] * length) for index, length in enumerate([5, 3, 8, 2, 6])]
+    batches = list(stream_token_budget_batches(sequences, max_tokens=10, window=3))
+    # Window [5, 3, 8] -> [8], [5, 3]; window [2, 6] -> [6, 2].
+    assert [[sequence.input_ids[0].item() for sequence in batch] for batch in batches] == [[2], [0, 1], [4, 3]]
+
+
+@pytest.fixture
+def sft_sequences(builder: SampleBuilder, make_image: Callable[..., bytes]) -> list[TokenSequence]:
+    """Three SFT sequences: one image, two images of different sizes, no image; one of them two-turn."""
+    answer = "<caption>\n- shapes\n</caption>\n<think>\n2 + 1 = 3\n</think>\n<answer>\n3\n</answer>"
+    conversations = [
+        ([ChatMessage("user", "<image>\nHow many?\n"), ChatMessage("assistant", answer)], [make_image(64, 96)]),
+        (
+            [
+                ChatMessage("user", "<image>\nLeft.\n<image>\nRight. Which has more?\n"),
+                ChatMessage("assistant", answer),
+                ChatMessage("user", "Why?"),
+                ChatMessage("assistant", "Three is more than two."),
+            ],
+            [make_image(128, 64, seed=1), make_image(64, 64, seed=2)],
+        ),
+        ([ChatMessage("user", "What is 2 + 1?"), ChatMessage("assistant", answer)], []),
+    ]
+    return [
+        builder.sft_sequence(SftExample(RowOrigin("sft.jsonl", row), messages, images))
+        for row, (messages, images) in enumerate(conversations)
+    ]
+
+
+def test_packed_padded_and_separate_forwards_give_the_same_loss(
+    tiny_policy: Qwen3VLForConditionalGeneration, builder: SampleBuilder, sft_sequences: list[TokenSequence]
+) -> None:
+    """The token-mean SFT loss of transformers' Qwen3-VL over three sequences, computed three ways: one forward
+    per sequence (summed, then divided by all targets), one right-padded forward with an attention mask, and one
+    packed forward whose per-sequence position reset keeps attention within each sequence."""
+    with torch.no_grad():
+        total, targets, separate_logits = 0.0, 0, []
+        for sequence in sft_sequences:
+            images = sequence.image_inputs
+            output = tiny_policy(
+                input_ids=sequence.input_ids.unsqueeze(0),
+                position_ids=sequence.position_ids.unsqueeze(1),
+                pixel_values=None if images is None else images.pixel_values,
+                image_grid_thw=None if images is None else images.image_grid_thw,
+                labels=sequence.labels.unsqueeze(0),
+            )
+            count = int((sequence.labels != IGNORE_INDEX).sum())
+            total += output.loss.item() * count
+            targets += count
+            separate_logits.append(output.logits[0])
+        separate_loss = total / targets
+
+        padded = pad_sequences(sft_sequences, builder.pad_id)
+        padded_loss = tiny_policy(
+            input_ids=padded.input_ids,
+            attention_mask=padded.attention_mask,
+            position_ids=padded.position_ids,
+            pixel_values=padded.pixel_values,
+            image_grid_thw=padded.image_grid_thw,
+            labels=padded.labels,
+        ).loss.item()
+
+        packed = pack_sequences(sft_sequences)
+        packed_output = tiny_policy(
+            input_ids=packed.input_ids,
+            position_ids=packed.hf_position_ids(),
+            pixel_values=packed.pixel_values,
+            image_grid_thw=packed.image_grid_thw,
+            labels=packed.labels,
+            use_cache=False,  # with a cache, transformers does not look for packed sequences
+        )
+
+    assert targets == int(packed.loss_mask.sum())
+    assert padded_loss == pytest.approx(separate_loss, abs=1e-5)
+    assert packed_output.loss.item() == pytest.approx(separate_loss, abs=1e-5)
+    torch.testing.assert_close(packed_output.logits[0], torch.cat(separate_logits), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,138 @@
+"""The image pipeline: smart-resize grids, patch layout, the HF and DALI backends, backend selection."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from prism_mcore.data import images as images_module
+from prism_mcore.data.errors import IMAGE_UNREADABLE, DataError
+from prism_mcore.data.images import (
+    DaliImageProcessor,
+    HFImageProcessor,
+    ImageConfig,
+    ImageGeometry,
+    build_image_processor,
+    dali_available,
+)
+
+
+@pytest.mark.parametrize(
+    ("config", "height", "width", "grid"),
+    [
+        # round(70/32)*32 = 64, round(100/32)*32 = 96: inside [1024, 16384] pixels -> 4x6 patches of 16.
+        (ImageConfig(), 70, 100, (1, 4, 6)),
+        # 900x1200 is over 16384 pixels: scale sqrt(900*1200/16384) = 8.119, floor(110.9/32)*32 = 96,
+        # floor(147.8/32)*32 = 128.
+        (ImageConfig(), 900, 1200, (1, 6, 8)),
+        # 40x40 rounds to 32x32 = 1024 pixels, under min_pixels 4096: scale 1.6, ceil(64/32)*32 = 64.
+        (ImageConfig(min_pixels=4096), 40, 40, (1, 4, 4)),
+        # long side 1200 -> 560 first: int(900*560/1200) = 420; round(420/32) = 13, round(17.5) = 18 (to even).
+        (ImageConfig(max_long_side=560, max_pixels=560 * 560), 900, 1200, (1, 26, 36)),
+    ],
+)
+def test_grid_follows_smart_resize(
+    hf_image_processor: Qwen2VLImageProcessorPil,
+    make_image: Callable[..., bytes],
+    config: ImageConfig,
+    height: int,
+    width: int,
+    grid: tuple[int, int, int],
+) -> None:
+    geometry = ImageGeometry.from_processor(hf_image_processor, config)
+    assert geometry.grid_thw(height, width) == grid
+    inputs = HFImageProcessor(hf_image_processor, config)([make_image(width, height)])
+    assert inputs.image_grid_thw.tolist() == [list(grid)]
+    assert inputs.pixel_values.shape == (grid[1] * grid[2], 3 * 2 * 16 * 16)
+
+
+def test_hf_backend_equals_pil_bicubic_and_patchify(
+    hf_image_processor: Qwen2VLImageProcessorPil, make_image: Callable[..., bytes]
+) -> None:
+    """Two images through the backend equal a plain reference: PIL bicubic to the grid, (x/255 - 0.5)/0.5, then
+    `ImageGeometry.patchify`: so our patch order is the processor's."""
+    config = ImageConfig()
+    backend = HFImageProcessor(hf_image_processor, config)
+    files = [make_image(100, 70, seed=1), make_image(64, 150, "JPEG", seed=2)]
+    inputs = backend(files)
+    expected = []
+    for data in files:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        height, width = backend.geometry.resized_size(image.height, image.width)
+        resized = np.asarray(image.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+        normalised = torch.from_numpy((resized / 255.0 - 0.5) / 0.5).permute(2, 0, 1)
+        expected.append(backend.geometry.patchify(normalised))
+    torch.testing.assert_close(inputs.pixel_values, torch.cat(expected), atol=1e-6, rtol=0)
+    assert inputs.image_grid_thw.tolist() == [[1, 4, 6], [1, 10, 4]]
+
+
+def test_long_side_shrink_uses_lanczos_before_the_processor(
+    hf_image_processor: Qwen2VLImageProcessorPil, make_image: Callable[..., bytes]
+) -> None:
+    config = ImageConfig(max_long_side=60)
+    data = make_image(150, 90)
+    inputs = HFImageProcessor(hf_image_processor, config)([data])
+    # 150x90 -> 60x36 (int(90 * 60 / 150) = 36), which the processor then rounds to 64x32.
+    shrunk = Image.open(io.BytesIO(data)).convert("RGB").resize((60, 36), Image.Resampling.LANCZOS)
+    reference = hf_image_processor(images=[shrunk], min_pixels=1024, max_pixels=128 * 128, return_tensors="pt")
+    torch.testing.assert_close(inputs.pixel_values, reference["pixel_values"])
+    assert inputs.image_grid_thw.tolist() == [[1, 2, 4]]
+
+
+@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install 'prism_mcore[dali]')")
+@pytest.mark.parametrize("max_long_side", [None, 100])
+def test_dali_matches_hf_backend(
+    hf_image_processor: Qwen2VLImageProcessorPil, make_image: Callable[..., bytes], max_long_side: int | None
+) -> None:
+    """DALI (GPU where CUDA is present, CPU-only mode otherwise) gives the HF grids exactly and the same patches
+    within a few uint8 levels of resampling difference (one level is 1/127.5 = 0.0078 after normalisation)."""
+    config = ImageConfig(max_long_side=max_long_side)
+    files = [
+        make_image(100, 70, seed=1),
+        make_image(640, 300, "JPEG", seed=2),
+        make_image(33, 200, seed=3),
+        make_image(400, 400, "JPEG", seed=4),
+    ]
+    reference = HFImageProcessor(hf_image_processor, config)(files)
+    dali = DaliImageProcessor(hf_image_processor, config)(files)
+    assert dali.image_grid_thw.tolist() == reference.image_grid_thw.tolist()
+    difference = (dali.pixel_values.cpu() - reference.pixel_values).abs()
+    assert difference.max().item() < 0.05
+    assert difference.mean().item() < 0.005
+
+
+@pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed (pip install 'prism_mcore[dali]')")
+def test_dali_reports_a_corrupt_image_and_keeps_working(
+    hf_image_processor: Qwen2VLImageProcessorPil, make_image: Callable[..., bytes]
+) -> None:
+    """A PNG cut after its header passes the header checks; DALI's decoder fails on it, which is one DataError."""
+    backend = DaliImageProcessor(hf_image_processor, ImageConfig())
+    good = make_image(64, 64)
+    with pytest.raises(DataError) as raised:
+        backend([good, good[:2000]])
+    assert (raised.value.reason, raised.value.field) == (IMAGE_UNREADABLE, "images")
+    assert backend([good]).image_grid_thw.tolist() == [[1, 4, 4]]
+
+
+def test_dali_requested_without_dali_is_one_clear_error(
+    hf_image_processor: Qwen2VLImageProcessorPil, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(images_module, "dali_available", lambda: False)
+    with pytest.raises(ImportError) as raised:
+        build_image_processor(hf_image_processor, ImageConfig(backend="dali"))
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "image_backend='dali' needs NVIDIA DALI" in message and "prism_mcore[dali]" in message
+
+
+def test_auto_backend_is_hf_without_cuda(
+    hf_image_processor: Qwen2VLImageProcessorPil, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert isinstance(build_image_processor(hf_image_processor, ImageConfig(backend="auto")), HFImageProcessor)
