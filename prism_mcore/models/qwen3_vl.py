@@ -1,0 +1,193 @@
+"""Qwen3-VL (dense and MoE) as Megatron-Core models: Megatron-Bridge's architecture with prism_mcore's layer specs.
+
+Megatron-Bridge supplies the Qwen3-VL architecture (vision tower, interleaved MRoPE, deepstack injection) and the
+HF <-> Megatron name mapping. Two things are changed, both without touching installed files:
+
+1. Layer specs. The bridge's providers and `Qwen3VLModel.__init__` hard-code Transformer Engine specs. The providers
+   below build the same model from `models/specs.py` instead, so the backend (`te` or `sdpa`) is a choice.
+2. Exact GELU in the vision patch merger and the deepstack mergers. Transformers' Qwen3-VL (and so SGLang/vLLM, the
+   rollout engines) use `nn.GELU()` there; the bridge reuses the vision blocks' tanh approximation, which shifts the
+   logits by ~5e-5 in fp32 (a train/rollout mismatch). With exact GELU, Megatron logits match transformers to fp32
+   rounding (tests/unit/models/test_parity.py).
+
+`configure_provider` is the one place where prism_mcore's `ModelConfig`/`ParallelConfig` become Megatron
+`TransformerConfig` fields; everything else comes from the checkpoint's own `config.json` through the bridge, so
+Qwen3-VL-2B/4B/8B (and the MoE variants) load without code changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from megatron.bridge.models.qwen_vl.modelling_qwen3_vl.attention import Qwen3VLSelfAttention
+from megatron.bridge.models.qwen_vl.modelling_qwen3_vl.model import Qwen3VLModel
+from megatron.bridge.models.qwen_vl.modelling_qwen3_vl.transformer_config import get_vision_model_config
+from megatron.bridge.models.qwen_vl.modelling_qwen3_vl.vision_model import Qwen3VLVisionModel
+from megatron.bridge.models.qwen_vl.qwen3_vl_provider import Qwen3VLModelProvider, Qwen3VLMoEModelProvider
+from megatron.core.transformer.enums import AttnBackend
+
+from prism_mcore.config.schema import ModelConfig, ParallelConfig
+from prism_mcore.models.specs import Backend, language_layer_spec, patch_merger_spec, vision_layer_spec
+
+# The vision blocks of every released Qwen3-VL use tanh-GELU, which is what the bridge's vision config implements.
+_VISION_BLOCK_ACTIVATION = "gelu_pytorch_tanh"
+
+# TransformerConfig fusions that need CUDA kernels from TE or Apex; the sdpa backend runs the plain torch ops.
+_GPU_FUSIONS = (
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "persist_layer_norm",
+    "gradient_accumulation_fusion",
+    "moe_permute_fusion",
+)
+
+_FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
+
+
+class PrismQwen3VLModel(Qwen3VLModel):
+    """The bridge's `Qwen3VLModel` with the vision tower built from the given specs and HF-exact merger GELU."""
+
+    def __init__(
+        self,
+        config: Qwen3VLModelProvider | Qwen3VLMoEModelProvider,
+        backend: Backend,
+        pre_process: bool,
+        post_process: bool,
+        vp_stage: int | None = None,
+    ) -> None:
+        # add_encoder=False skips the parent's vision tower, which is hard-wired to Transformer Engine modules.
+        super().__init__(
+            language_transformer_config=config,
+            language_transformer_layer_spec=language_layer_spec(backend, config.num_moe_experts),
+            vision_transformer_config=config.vision_config,
+            pre_process=pre_process,
+            post_process=post_process,
+            add_encoder=False,
+            pg_collection=config._pg_collection,
+            vp_stage=vp_stage,
+        )
+        self.add_encoder = True
+        if not pre_process:
+            return  # the vision tower lives on the first pipeline stage only
+        hf_vision = config.vision_config
+        if hf_vision.hidden_act != _VISION_BLOCK_ACTIVATION:
+            raise ValueError(
+                f"vision hidden_act {hf_vision.hidden_act!r} is not supported ({_VISION_BLOCK_ACTIVATION})"
+            )
+        vision_config = get_vision_model_config(hf_vision, megatron_config=config)
+        vision_config.pipeline_model_parallel_size = 1  # the tower is not pipelined
+        vision_config.first_pipeline_num_layers = None
+        layer_spec = vision_layer_spec(backend)
+        layer_spec.submodules.self_attention.module = Qwen3VLSelfAttention  # 2-D rotary positions of the patches
+        self.vision_model = Qwen3VLVisionModel(
+            vision_config,
+            layer_spec,
+            patch_merger_spec(backend),
+            pre_process=True,
+            post_process=True,
+            pg_collection=self.pg_collection,
+        )
+        for merger in (self.vision_model.merger, *self.vision_model.decoder.deepstack_merger_list):
+            merger.activation_func = F.gelu  # exact, as transformers' Qwen3VLVisionPatchMerger (nn.GELU())
+
+
+@dataclass
+class PrismQwen3VLProvider(Qwen3VLModelProvider):
+    """Dense Qwen3-VL provider that builds `PrismQwen3VLModel` with the configured backend's specs."""
+
+    backend: Backend = "sdpa"
+
+    def provide(self, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None):
+        return PrismQwen3VLModel(self, self.backend, pre_process, post_process, vp_stage)
+
+
+@dataclass
+class PrismQwen3VLMoeProvider(Qwen3VLMoEModelProvider):
+    """Qwen3-VL-MoE provider that builds `PrismQwen3VLModel` with the configured backend's specs."""
+
+    backend: Backend = "sdpa"
+
+    def provide(self, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None):
+        return PrismQwen3VLModel(self, self.backend, pre_process, post_process, vp_stage)
+
+
+def prism_provider(
+    bridge_provider: Qwen3VLModelProvider | Qwen3VLMoEModelProvider,
+) -> PrismQwen3VLProvider | PrismQwen3VLMoeProvider:
+    """Re-type the provider the bridge derived from an HF config as the matching prism provider (same fields).
+
+    Bridge providers defer validation to `finalize()`, so copying the fields is a plain dataclass construction.
+    """
+    cls = PrismQwen3VLMoeProvider if isinstance(bridge_provider, Qwen3VLMoEModelProvider) else PrismQwen3VLProvider
+    values = {f.name: getattr(bridge_provider, f.name) for f in fields(bridge_provider) if f.init}
+    return cls(**values)
+
+
+def resolve_dtype(requested: str) -> torch.dtype:
+    """ModelConfig.dtype -> torch dtype ("auto": bf16 on GPU, fp32 on CPU)."""
+    if requested == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
+
+
+def configure_provider(
+    provider: PrismQwen3VLProvider | PrismQwen3VLMoeProvider,
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    backend: Backend,
+    dtype: torch.dtype,
+) -> None:
+    """Translate prism_mcore's model and parallel settings into the provider (a Megatron TransformerConfig).
+
+    Architecture fields (sizes, heads, rope, vocab, experts, token ids) are left as the bridge read them from the
+    checkpoint. Finalizes the provider (Megatron's config validation and derived fields).
+    """
+    is_moe = provider.num_moe_experts is not None
+    provider.backend = backend
+    provider.tensor_model_parallel_size = parallel.tensor
+    provider.pipeline_model_parallel_size = parallel.pipeline
+    provider.virtual_pipeline_model_parallel_size = parallel.virtual_pipeline
+    provider.context_parallel_size = parallel.context
+    provider.expert_model_parallel_size = parallel.expert if is_moe else 1
+    provider.sequence_parallel = parallel.sequence_parallel
+
+    provider.params_dtype = dtype
+    provider.pipeline_dtype = dtype
+    provider.bf16 = dtype == torch.bfloat16
+    provider.fp16 = False
+
+    if backend == "te":
+        provider.attention_backend = AttnBackend.auto
+    else:
+        provider.attention_backend = AttnBackend.local
+        for fusion in _GPU_FUSIONS:
+            setattr(provider, fusion, False)
+    if model.fp8 != "none":
+        if backend != "te":
+            raise ValueError("model.fp8 needs the Transformer Engine backend (model.attention_backend='te')")
+        provider.fp8 = "hybrid"
+        provider.fp8_recipe = _FP8_RECIPES[model.fp8]
+
+    if model.recompute_activations:
+        provider.recompute_granularity = "full"
+        provider.recompute_method = "uniform"
+        provider.recompute_num_layers = 1
+
+    if is_moe:
+        if model.moe_token_dispatcher == "alltoall" and not torch.cuda.is_available():
+            raise ValueError("the alltoall MoE token dispatcher needs CUDA streams; use allgather on CPU")
+        provider.moe_token_dispatcher_type = model.moe_token_dispatcher
+        provider.moe_grouped_gemm = backend == "te"
+        # The load-balancing loss is computed by the caller from recorded router logits (models/router.py).
+        provider.moe_aux_loss_coeff = 0.0
+
+    provider.finalize()
+    if parallel.pipeline > 1:
+        # Packed micro-batches differ in length, so pipeline stages must exchange shapes before activations. Set
+        # after finalize(): Megatron's check against the allgather MoE dispatcher fires for dense models too.
+        if is_moe and provider.moe_token_dispatcher_type == "allgather":
+            raise ValueError("pipeline parallelism of MoE models needs model.moe_token_dispatcher='alltoall'")
+        provider.variable_seq_lengths = True
