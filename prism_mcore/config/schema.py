@@ -89,6 +89,14 @@ class RolloutConfig:
     weight_sync: Literal["tensor", "distributed", "disk"] = "tensor"
     request_timeout_s: float = 600.0
     max_retries: int = 3
+    retry_backoff_s: float = 1.0  # first retry delay; doubles per consecutive failure of a server (at most 30 s)
+    max_concurrent_requests: int = 64  # /generate requests in flight over all servers
+    server_ready_timeout_s: float = 600.0  # how long to wait for every server's /health_generate at start
+    weight_sync_bucket_mb: int = 512  # tensor and distributed sync: tensors per request/broadcast round
+    weight_sync_dir: str = ""  # disk sync: folder the servers can read; empty means <run.output_dir>/rollout_weights
+    weight_sync_master_address: str = ""  # distributed sync: trainer address the servers reach; empty: this host
+    weight_sync_master_port: int = 29600  # distributed sync: port of the trainer's rendezvous store
+    local_max_batch_size: int = 64  # local engine: sequences per generate call
     tis_cap: float = 0.0  # truncated importance-sampling cap for rollout/trainer mismatch; 0 disables it
 
 

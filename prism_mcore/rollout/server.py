@@ -1,0 +1,607 @@
+"""prism_mcore's own SGLang-protocol server, backed by LocalEngine, for development and for testing the SGLang
+client over real HTTP on machines where SGLang cannot run (no GPU):
+
+    python -m prism_mcore.rollout.server --model-path DIR --port P [--host 127.0.0.1]
+
+It serves the subset of SGLang 0.5.23's HTTP API that makes sense on a CPU, with SGLang's request and response
+shapes (see `rollout.protocol`): `/generate` (single or batch `input_ids`, `n`, `image_data` as data URIs, base64 or
+file paths, processed by the checkpoint's own image processor), `/health`, `/health_generate`, `/ready`,
+`/model_info`, `/server_info` (and their `/get_*` aliases), `/flush_cache`, `/update_weights_from_disk`,
+`/update_weights_from_tensor`, `/init_weights_update_group` + `/update_weights_from_distributed` +
+`/destroy_weights_update_group` (gloo groups on CPU), `/update_weight_version`, `/begin_weight_update`,
+`/end_weight_update`, `/release_memory_occupation` and `/resume_memory_occupation`.
+
+Differences from SGLang, all deliberate:
+- one request runs at a time (a lock around the engine), so it is a correctness server, not a throughput server;
+- `/update_weights_from_tensor` takes CPU tensors pickled by value (`protocol.serialize_named_tensors`), not CUDA
+  IPC handles, and unpickles only tensor lists;
+- on CPU, weight-update groups use gloo (NCCL needs GPUs); the rendezvous is SGLang's;
+- memory release only marks the state (generation then answers 503) and offloads nothing on CPU;
+- only the sampling parameters LocalEngine implements are accepted; others are refused with 400.
+As in SGLang 0.5.23, `/update_weights_from_tensor` and `/update_weights_from_distributed` must run between
+`/begin_weight_update` and `/end_weight_update`, and generation waits while such a session is open. The server binds
+to 127.0.0.1 unless told otherwise: its admin endpoints change the served weights, and the tensor endpoint unpickles
+what it is sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from prism_mcore.data.errors import DataError
+from prism_mcore.data.images import HFImageProcessor, ImageConfig, load_image_processor
+from prism_mcore.record import Sample
+from prism_mcore.rollout.base import RolloutError, SamplingParams
+from prism_mcore.rollout.local import LocalEngine
+from prism_mcore.rollout.protocol import decode_image_data, deserialize_named_tensors, generate_response
+from prism_mcore.rollout.weight_sync import init_weight_update_group
+from prism_mcore.training.metrics import get_logger
+
+logger = get_logger(__name__)
+
+# SGLang sampling keys this server implements, and what they map to; SGLang's other keys are refused.
+SAMPLING_KEYS = {
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_token_ids",
+    "n",
+    "sampling_seed",
+    "skip_special_tokens",
+}
+SAMPLING_DEFAULTS = {"max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0, "top_k": -1, "n": 1}
+# How long a generate request waits for an open weight-update session to end before answering 503.
+SESSION_WAIT_S = 600.0
+SESSION_ERROR = "{} must run between begin_weight_update() and end_weight_update()"
+
+
+class RequestError(Exception):
+    """A request the server refuses; becomes an HTTP error with SGLang's `{"error": {"message": ...}}` body."""
+
+    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AdminError(Exception):
+    """An admin request that failed; becomes SGLang's `{"success": false, "message": ...}` answer with 400."""
+
+
+@dataclass
+class Reply:
+    """What a route answers: a JSON value (None is JSON null) or, with `text`, a plain-text body."""
+
+    body: Any = None
+    status: HTTPStatus = HTTPStatus.OK
+    text: str | None = None
+
+
+class RolloutServer:
+    """The endpoints' logic, independent of the HTTP plumbing; every method returns a `Reply`."""
+
+    def __init__(self, model_path: str | Path, *, device: str = "cpu", weight_version: str = "default") -> None:
+        self.model_path = str(model_path)
+        self.engine = LocalEngine.from_pretrained(model_path, device=device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        self.images = HFImageProcessor(load_image_processor(self.model_path), ImageConfig(backend="hf"))
+        config = self.engine.model.config
+        self.image_token_id = config.image_token_id
+        self.vision_start_token_id = config.vision_start_token_id
+        self.vision_end_token_id = config.vision_end_token_id
+        self.weight_version = weight_version
+        self.engine_lock = threading.Lock()  # one generation or weight load at a time
+        self.state = threading.Condition()  # guards the fields below
+        self.running_requests = 0
+        self.session_open = False
+        self.memory_released = False
+        self.update_groups: dict[str, dist.ProcessGroup] = {}  # weight-update groups joined, by name
+
+    # ---- generation ----
+
+    def generate(self, body: Any) -> Reply:
+        if not isinstance(body, dict):
+            raise RequestError("the /generate body must be a JSON object")
+        if body.get("stream"):
+            raise RequestError("stream=true is not supported by this server")
+        if body.get("text") is not None or body.get("input_ids") is None:
+            raise RequestError("this server takes input_ids (token ids), not text")
+        if body.get("logprob_start_len", -1) not in (-1, None):
+            raise RequestError("only output-token log-probs are supported (logprob_start_len=-1)")
+        input_ids = body["input_ids"]
+        single = bool(input_ids) and all(type(token) is int for token in input_ids)
+        prompts = [input_ids] if single else input_ids
+        if not prompts or not all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompts):
+            raise RequestError("input_ids must be a non-empty list of token ids or a list of such lists")
+        images = self._images_per_prompt(body.get("image_data"), len(prompts), single)
+        sampling = self._sampling_per_prompt(body.get("sampling_params"), len(prompts))
+        return_logprob = bool(body.get("return_logprob"))
+
+        samples = [
+            self._sample(index, ids, items) for index, (ids, items) in enumerate(zip(prompts, images, strict=True))
+        ]
+        outputs = []
+        # The engine lock is held for the whole request, so a weight load cannot land between its prompts.
+        with self._generation_slot(), self.engine_lock:
+            for sample, (params, skip_special) in zip(samples, sampling, strict=True):
+                for completion in self.engine.generate([sample], params):
+                    response = self._response(sample, completion, params, skip_special, self.weight_version)
+                    outputs.append(response if return_logprob else _without_logprobs(response))
+        n = sampling[0][0].n
+        return Reply(outputs[0] if single and n == 1 else outputs)
+
+    def _images_per_prompt(self, image_data: Any, batch_size: int, single: bool) -> list[list[Any]]:
+        """SGLang's normalisation of `image_data`: a single request takes one image or a list of images; a batch
+        takes one entry per prompt, each an image, a list of images or null."""
+        if image_data is None or image_data == []:
+            return [[] for _ in range(batch_size)]
+        if single:
+            return [image_data if isinstance(image_data, list) else [image_data]]
+        if not isinstance(image_data, list) or len(image_data) != batch_size:
+            raise RequestError("image_data must have one entry per prompt of the batch")
+        return [[] if item is None else item if isinstance(item, list) else [item] for item in image_data]
+
+    @staticmethod
+    def _sampling_per_prompt(sampling: Any, batch_size: int) -> list[tuple[SamplingParams, bool]]:
+        if sampling is None:
+            sampling = {}
+        entries = sampling if isinstance(sampling, list) else [sampling] * batch_size
+        if len(entries) != batch_size or not all(isinstance(entry, dict) for entry in entries):
+            raise RequestError("sampling_params must be an object or a list of one object per prompt")
+        parsed = []
+        for entry in entries:
+            unknown = sorted(set(entry) - SAMPLING_KEYS)
+            if unknown:
+                raise RequestError(
+                    f"sampling_params {unknown} not supported by this server; it takes {sorted(SAMPLING_KEYS)}"
+                )
+            values = {
+                key: entry.get(key) if entry.get(key) is not None else default
+                for key, default in SAMPLING_DEFAULTS.items()
+            }
+            try:
+                params = SamplingParams(
+                    n=values["n"],
+                    temperature=values["temperature"],
+                    top_p=values["top_p"],
+                    top_k=values["top_k"],
+                    max_new_tokens=values["max_new_tokens"],
+                    stop_token_ids=tuple(entry.get("stop_token_ids") or ()),
+                    seed=entry.get("sampling_seed"),
+                )
+            except (TypeError, ValueError) as error:
+                raise RequestError(f"invalid sampling_params: {error}") from None
+            parsed.append((params, entry.get("skip_special_tokens", True) is not False))
+        if len({params.n for params, _ in parsed}) > 1:
+            raise RequestError("n must be the same for every prompt of a batch")
+        return parsed
+
+    def _image_pad_runs(self, input_ids: list[int]) -> list[tuple[int, int]]:
+        """(start, end) of the `<|image_pad|>` run of each image block `<|vision_start|> <|image_pad|>+
+        <|vision_end|>`, the pattern SGLang's Qwen-VL processor matches."""
+        runs = []
+        position = 0
+        while position < len(input_ids):
+            start = position + 1
+            if input_ids[position] == self.vision_start_token_id:
+                end = start
+                while end < len(input_ids) and input_ids[end] == self.image_token_id:
+                    end += 1
+                if end > start and end < len(input_ids) and input_ids[end] == self.vision_end_token_id:
+                    runs.append((start, end))
+                position = end
+            else:
+                position = start
+        return runs
+
+    def _sample(self, index: int, input_ids: list[int], image_items: list[Any]) -> Sample:
+        """The prompt as LocalEngine takes it: images processed, and each image block's pad run resized to the
+        number of `<|image_pad|>` tokens its grid needs (SGLang accepts one pad per image or the expanded run)."""
+        runs = self._image_pad_runs(input_ids)
+        if len(runs) != len(image_items):
+            raise RequestError(f"prompt {index} has {len(runs)} image blocks but {len(image_items)} images")
+        if not image_items:
+            return Sample(uid=str(index), prompt_ids=list(input_ids))
+        try:
+            encoded = [decode_image_data(item, f"image_data[{index}][{i}]") for i, item in enumerate(image_items)]
+            image_inputs = self.images(encoded)
+        except (ValueError, OSError) as error:  # DataError is a ValueError
+            field = f" ({error.field})" if isinstance(error, DataError) and error.field else ""
+            raise RequestError(f"prompt {index}: unusable image{field}: {error}") from None
+        merge = self.images.geometry.merge_size**2
+        prompt_ids: list[int] = []
+        cursor = 0
+        for (start, end), grid in zip(runs, image_inputs.image_grid_thw, strict=True):
+            prompt_ids += input_ids[cursor:start] + [self.image_token_id] * (int(grid.prod()) // merge)
+            cursor = end
+        prompt_ids += input_ids[cursor:]
+        return Sample(uid=str(index), prompt_ids=prompt_ids, image_inputs=image_inputs)
+
+    def _response(
+        self, sample: Sample, completion: Sample, params: SamplingParams, skip_special: bool, version: str
+    ) -> dict[str, Any]:
+        return generate_response(
+            completion.response_ids,
+            completion.rollout_logprobs,
+            "stop" if completion.finish_reason == "stop" else "length",
+            matched_token=completion.response_ids[-1] if completion.finish_reason == "stop" else None,
+            max_new_tokens=params.max_new_tokens,
+            weight_version=version,
+            request_id=uuid.uuid4().hex,
+            prompt_tokens=len(sample.prompt_ids),
+            text=self.tokenizer.decode(completion.response_ids, skip_special_tokens=skip_special),
+        )
+
+    @contextlib.contextmanager
+    def _generation_slot(self) -> Iterator[None]:
+        """Count a running request; wait while a weight-update session is open; refuse while memory is released."""
+        with self.state:
+            ended = self.state.wait_for(lambda: not self.session_open, timeout=SESSION_WAIT_S)
+            if not ended:
+                raise RequestError("a weight update has been in progress too long", HTTPStatus.SERVICE_UNAVAILABLE)
+            if self.memory_released:
+                raise RequestError(
+                    "memory occupation is released; call /resume_memory_occupation", HTTPStatus.SERVICE_UNAVAILABLE
+                )
+            self.running_requests += 1
+        try:
+            yield
+        finally:
+            with self.state:
+                self.running_requests -= 1
+                self.state.notify_all()
+
+    # ---- health and information ----
+
+    def health(self, body: Any) -> Reply:
+        return Reply(text="")
+
+    def health_generate(self, body: Any) -> Reply:
+        """One greedy token from a one-token prompt, as SGLang's health check; 503 when that is impossible. As in
+        SGLang, a server that is generating already counts as healthy without the extra token."""
+        with self.state:
+            if self.running_requests:
+                return Reply(text="")
+        try:
+            with self._generation_slot(), self.engine_lock:
+                self.engine.generate(
+                    [Sample(uid="health", prompt_ids=[0])], SamplingParams(temperature=0.0, max_new_tokens=1)
+                )
+        except (RequestError, RolloutError):
+            return Reply(status=HTTPStatus.SERVICE_UNAVAILABLE, text="")
+        return Reply(text="")
+
+    def model_info(self, body: Any) -> Reply:
+        config = self.engine.model.config
+        return Reply(
+            {
+                "model_path": self.model_path,
+                "tokenizer_path": self.model_path,
+                "is_generation": True,
+                "preferred_sampling_params": None,
+                "weight_version": self.weight_version,
+                "has_image_understanding": True,
+                "has_audio_understanding": False,
+                "model_type": config.model_type,
+                "architectures": config.architectures,
+            }
+        )
+
+    def server_info(self, body: Any) -> Reply:
+        return Reply(
+            {
+                "model_path": self.model_path,
+                "tp_size": 1,
+                "dp_size": 1,
+                "device": str(self.engine.device),
+                "version": "prism_mcore",
+                "internal_states": [],
+            }
+        )
+
+    def flush_cache(self, body: Any) -> Reply:
+        """LocalEngine keeps no cache between requests; SGLang refuses a flush while requests run, and so do we."""
+        with self.state:
+            if self.running_requests:
+                return Reply(status=HTTPStatus.BAD_REQUEST, text="Cache not flushed: requests are running.\n")
+        return Reply(text="Cache flushed.\n")
+
+    # ---- weights ----
+
+    def update_weights_from_disk(self, body: Any) -> Reply:
+        request = _object(body, "/update_weights_from_disk")
+        model_path = request.get("model_path")
+        if not isinstance(model_path, str):
+            raise RequestError("model_path (a string) is required")
+        files = _safetensors_files(Path(model_path))
+        with self.engine_lock:
+            self.engine.load_weights(_read_safetensors(files))
+            self.model_path = model_path
+            self._set_version(request.get("weight_version"))
+        return Reply({"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0})
+
+    def update_weights_from_tensor(self, body: Any) -> Reply:
+        request = _object(body, "/update_weights_from_tensor")
+        with self.state:
+            if not self.session_open:
+                raise AdminError(SESSION_ERROR.format("update_weights_from_tensor"))
+        serialized = request.get("serialized_named_tensors")
+        if not isinstance(serialized, list) or len(serialized) != 1:
+            raise AdminError("serialized_named_tensors must hold one entry per TP rank; this server has tp_size 1")
+        named_tensors = deserialize_named_tensors(serialized[0])
+        with self.engine_lock:
+            self.engine.load_weights(named_tensors)
+            self._set_version(request.get("weight_version"))
+        return Reply({"success": True, "message": "Success"})
+
+    def update_weight_version(self, body: Any) -> Reply:
+        request = _object(body, "/update_weight_version")
+        new_version = request.get("new_version")
+        if not isinstance(new_version, str):
+            raise AdminError("new_version (a string) is required")
+        self._set_version(new_version)
+        return Reply(
+            {"success": True, "message": f"Weight version updated to {new_version}", "new_version": new_version}
+        )
+
+    def _set_version(self, version: Any) -> None:
+        if version is not None:
+            self.weight_version = str(version)
+
+    def begin_weight_update(self, body: Any) -> Reply:
+        with self.state:
+            if self.session_open:
+                raise AdminError("a weight-update session is already open; call end_weight_update() first")
+            self.session_open = True
+        return Reply({"success": True, "message": "Success"})
+
+    def end_weight_update(self, body: Any) -> Reply:
+        with self.state:
+            if not self.session_open:
+                raise AdminError("no weight-update session is open; call begin_weight_update() first")
+            self.session_open = False
+            self.state.notify_all()
+        return Reply({"success": True, "message": "Success"})
+
+    def init_weights_update_group(self, body: Any) -> Reply:
+        """Join the trainer's weight-update group as `rank_offset` (this server has one TP rank); blocks until
+        every member has joined, as SGLang's does. On CPU the group must use gloo."""
+        request = _object(body, "/init_weights_update_group")
+        backend = request.get("backend", "nccl")
+        if backend != "gloo" and self.engine.device.type == "cpu":
+            raise AdminError(f"backend {backend!r} needs GPUs; this CPU server joins gloo groups only")
+        group_name = request.get("group_name", "weight_update_group")
+        try:
+            group = init_weight_update_group(
+                request["master_address"],
+                request["master_port"],
+                request["world_size"],
+                request["rank_offset"],
+                group_name,
+                backend,
+                SESSION_WAIT_S,
+            )
+        except (RuntimeError, ValueError) as error:  # torch's rendezvous and store errors
+            raise AdminError(f"Failed to initialize custom process group: {error}.") from None
+        self.update_groups[group_name] = group
+        return Reply({"success": True, "message": "Succeeded to initialize custom process group."})
+
+    def update_weights_from_distributed(self, body: Any) -> Reply:
+        """Receive the announced tensors, broadcast by the trainer (group rank 0) in order, then load them."""
+        request = _object(body, "/update_weights_from_distributed")
+        with self.state:
+            if not self.session_open:
+                raise AdminError(SESSION_ERROR.format("update_weights_from_distributed"))
+        group = self.update_groups.get(request.get("group_name", "weight_update_group"))
+        if group is None:
+            raise AdminError(f"no weight-update group {request.get('group_name')!r}; call init_weights_update_group")
+        names, dtypes, shapes = request["names"], request["dtypes"], request["shapes"]
+        received = []
+        for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.engine.device)
+            dist.broadcast(tensor, group=group, group_src=0)
+            received.append((name, tensor))
+        with self.engine_lock:
+            self.engine.load_weights(received)
+            self._set_version(request.get("weight_version"))
+        return Reply({"success": True, "message": "Succeeded to update parameter online."})
+
+    def destroy_weights_update_group(self, body: Any) -> Reply:
+        group = self.update_groups.pop(_object(body, "/destroy_weights_update_group").get("group_name"), None)
+        if group is None:
+            raise AdminError("The group to be destroyed does not exist.")
+        dist.destroy_process_group(group)
+        return Reply({"success": True, "message": "Succeeded to destroy custom process group."})
+
+    # ---- memory ----
+
+    def release_memory_occupation(self, body: Any) -> Reply:
+        with self.state:
+            if self.running_requests:
+                raise RequestError("the server must be idle to release memory occupation")
+            self.memory_released = True
+        with self.engine_lock:
+            self.engine.release_memory()
+        return Reply()
+
+    def resume_memory_occupation(self, body: Any) -> Reply:
+        with self.engine_lock:
+            self.engine.resume_memory()
+        with self.state:
+            self.memory_released = False
+        return Reply()
+
+    def routes(self) -> dict[tuple[str, str], Callable[[Any], Reply]]:
+        get_or_post = {
+            "/flush_cache": self.flush_cache,
+            "/release_memory_occupation": self.release_memory_occupation,
+            "/resume_memory_occupation": self.resume_memory_occupation,
+        }
+        gets = {
+            "/health": self.health,
+            "/health_generate": self.health_generate,
+            "/ready": self.health,
+            "/model_info": self.model_info,
+            "/get_model_info": self.model_info,
+            "/server_info": self.server_info,
+            "/get_server_info": self.server_info,
+        }
+        posts = {
+            "/generate": self.generate,
+            "/update_weights_from_disk": self.update_weights_from_disk,
+            "/update_weights_from_tensor": self.update_weights_from_tensor,
+            "/init_weights_update_group": self.init_weights_update_group,
+            "/update_weights_from_distributed": self.update_weights_from_distributed,
+            "/destroy_weights_update_group": self.destroy_weights_update_group,
+            "/update_weight_version": self.update_weight_version,
+            "/begin_weight_update": self.begin_weight_update,
+            "/end_weight_update": self.end_weight_update,
+        }
+        routes = {("GET", path): handler for path, handler in {**gets, **get_or_post}.items()}
+        routes.update({("POST", path): handler for path, handler in {**posts, **get_or_post}.items()})
+        return routes
+
+
+def _without_logprobs(response: dict[str, Any]) -> dict[str, Any]:
+    """A `/generate` answer for a request that did not ask for log-probs (`return_logprob` false)."""
+    meta_info = {key: value for key, value in response["meta_info"].items() if key != "output_token_logprobs"}
+    return {**response, "meta_info": meta_info}
+
+
+def _object(body: Any, path: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise RequestError(f"the {path} body must be a JSON object")
+    return body
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: those its index names, else every `*.safetensors`."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / name for name in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise AdminError(f"no safetensors weights in {folder}")
+    return files
+
+
+def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            for name in weights.keys():
+                yield name, weights.get_tensor(name)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """HTTP plumbing: JSON in, a route's `Reply` out, errors in SGLang's shapes."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, so the client's connection pool is used
+    server: _HTTPServer
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server naming)
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        route = self.server.routes.get((method, path))
+        if route is None:
+            self._send(Reply({"error": {"message": f"no route {method} {path}"}}, HTTPStatus.NOT_FOUND))
+            return
+        try:
+            body = json.loads(raw) if raw else None
+            reply = route(body)
+        except json.JSONDecodeError as error:
+            reply = Reply({"error": {"message": f"the body is not JSON: {error}"}}, HTTPStatus.BAD_REQUEST)
+        except RequestError as error:
+            reply = Reply({"error": {"message": str(error)}}, error.status)
+        except (AdminError, KeyError, ValueError) as error:
+            message = error.args[0] if error.args else type(error).__name__
+            reply = Reply({"success": False, "message": str(message)}, HTTPStatus.BAD_REQUEST)
+        except Exception as error:  # report it to the client like SGLang's 500s; the server keeps running
+            logger.exception(f"{method} {path} failed")
+            reply = Reply({"error": {"message": f"{type(error).__name__}: {error}"}}, HTTPStatus.INTERNAL_SERVER_ERROR)
+        self._send(reply)
+
+    def _send(self, reply: Reply) -> None:
+        if reply.text is not None:
+            data, content_type = reply.text.encode(), "text/plain; charset=utf-8"
+        else:
+            data, content_type = json.dumps(reply.body).encode(), "application/json"
+        self.send_response(reply.status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the http.server signature)
+        logger.debug(f"{self.address_string()} {format % args}")
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # requests in flight do not keep a stopped server's process alive
+
+    def __init__(self, address: tuple[str, int], rollout: RolloutServer) -> None:
+        super().__init__(address, _Handler)
+        self.routes = rollout.routes()
+
+
+def serve(rollout: RolloutServer, host: str = "127.0.0.1", port: int = 0) -> _HTTPServer:
+    """An HTTP server for `rollout` bound to `host:port` (0: a free port); call `serve_forever()` on it."""
+    return _HTTPServer((host, port), rollout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m prism_mcore.rollout.server", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model-path", required=True, help="HF Qwen3-VL checkpoint folder (model, tokenizer, processor)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=30000, help="port to bind; 0 picks a free one (default: 30000)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model (default: cpu)")
+    parser.add_argument("--weight-version", default="default", help="label of the initial weights, as SGLang's")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    rollout = RolloutServer(args.model_path, device=args.device, weight_version=args.weight_version)
+    http_server = serve(rollout, args.host, args.port)
+    host, port = http_server.server_address[:2]
+    # Launchers and tests read this line to learn the port when --port 0 was given.
+    loaded_s = time.monotonic() - started
+    print(
+        f"prism_mcore rollout server listening on http://{host}:{port} (model loaded in {loaded_s:.1f} s)", flush=True
+    )
+    try:
+        http_server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        http_server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""`build_rollout_engine`: the run's rollout config section turned into an engine and its weight sync."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prism_mcore.config.schema import RolloutConfig
+from prism_mcore.data.embedded import EmbeddedAssets
+from prism_mcore.rollout import (
+    DiskWeightSync,
+    DistributedWeightSync,
+    LocalEngine,
+    SGLangEngine,
+    TensorWeightSync,
+    build_rollout_engine,
+    build_weight_sync,
+)
+from tests.unit.rollout.fake_server import fake_servers, sglang_like
+
+
+def test_local_engine_from_config(embedded: EmbeddedAssets, tmp_path: Path) -> None:
+    engine = build_rollout_engine(RolloutConfig(local_max_batch_size=4), embedded.policy_path, run_dir=tmp_path)
+    assert isinstance(engine, LocalEngine) and engine.max_batch_size == 4 and engine.weight_version == 0
+
+
+def test_sglang_engine_from_config(embedded: EmbeddedAssets, tmp_path: Path) -> None:
+    vision_ids = set(LocalEngine.from_pretrained(embedded.policy_path).suppress_token_ids)
+    strategies = {"tensor": TensorWeightSync, "disk": DiskWeightSync, "distributed": DistributedWeightSync}
+    with fake_servers(sglang_like) as (server,):
+        server.weight_version = "default"
+        for transport, strategy in strategies.items():
+            config = RolloutConfig(engine="sglang", server_urls=[server.url], weight_sync=transport, max_retries=5)
+            engine = build_rollout_engine(config, embedded.policy_path, run_dir=tmp_path, weight_version=2)
+            assert isinstance(engine, SGLangEngine) and isinstance(engine.weight_sync, strategy)
+            assert engine.vision_token_ids == vision_ids and engine.retry.max_retries == 5
+            assert server.weight_version == "2"  # readiness labelled the server's weights with the engine's version
+            engine.close()
+
+
+def test_disk_sync_folder_defaults_to_the_run_folder(tmp_path: Path) -> None:
+    default = build_weight_sync(RolloutConfig(weight_sync="disk"), "/ckpt/policy", run_dir=tmp_path)
+    assert isinstance(default, DiskWeightSync) and default.directory == tmp_path / "rollout_weights"
+    chosen = build_weight_sync(
+        RolloutConfig(weight_sync="disk", weight_sync_dir="/shared/w"), "/ckpt", run_dir=tmp_path
+    )
+    assert chosen.directory == Path("/shared/w") and chosen.base_checkpoint == Path("/ckpt")
