@@ -1,5 +1,6 @@
 """PRISM's formulas in plain PyTorch: advantages, policy losses and their aggregation, discriminator losses, the MoE
-load-balancing loss, DAPO shaping and filtering, KL estimators, and log-prob/entropy from logits.
+load-balancing loss, DAPO shaping and filtering, KL estimators, log-prob/entropy from logits, and the
+rollout-vs-trainer log-prob mismatch.
 
 This package imports only torch and the standard library, so every formula of PRISM_SPEC.md can be read and tested
 without Megatron. The Triton kernels in `prism_kernels` are checked against these functions.
@@ -31,6 +32,7 @@ from prism_mcore.algorithms.discriminator_loss import (
 from prism_mcore.algorithms.groups import group_ids_from_uids, group_mean_std, group_normalize
 from prism_mcore.algorithms.kl import KLEstimator, kl_estimate
 from prism_mcore.algorithms.logprobs import combine_vocab_shards, linear_logprobs_and_entropy, logprobs_and_entropy
+from prism_mcore.algorithms.mismatch import LogProbMismatch, logprob_mismatch
 from prism_mcore.algorithms.moe_aux import load_balancing_loss
 from prism_mcore.algorithms.policy_loss import (
     POLICY_LOSS_PRESETS,
@@ -54,6 +56,7 @@ __all__ = [
     "DiscriminatorLossOutput",
     "DynamicSamplingResult",
     "KLEstimator",
+    "LogProbMismatch",
     "LossAggregation",
     "PolicyLossConfig",
     "PolicyLossOutput",
@@ -72,6 +75,7 @@ __all__ = [
     "kl_estimate",
     "linear_logprobs_and_entropy",
     "load_balancing_loss",
+    "logprob_mismatch",
     "logprobs_and_entropy",
     "masked_mean",
     "overlong_penalty",

@@ -10,22 +10,27 @@ Two batch forms, with the same content:
   (`input_ids [1, T]`), their MRoPE positions concatenated per sequence (`position_ids [3, 1, T]`, each sequence
   starting again from its own positions), `cu_seqlens` (int32 sequence starts) and `max_seqlen` for the attention
   kernel, labels, and the image inputs of all sequences concatenated in order. Attention must stay within each
-  sequence (PRISM_SPEC §8.5).
+  sequence (PRISM_SPEC §8.5). `pack_sequences` packs built `TokenSequence`s; `pack_token_ids` packs bare token ids
+  (with each sequence's images) and `pack_padded` the rows of a `[b, s]` batch of any padding side: these leave the
+  positions to the model (`position_ids=None`) and carry no loss; `unpack_to_padded` puts per-token outputs back.
+  `models.forward_kwargs(batch)` turns a `PackedBatch` into the Megatron forward's arguments.
 - `PaddedBatch` is right-padded `[B, L]` with an attention mask, for HF/reference paths.
 
 Labels follow the transformers convention: unshifted, the target token id where a loss applies and -100 elsewhere.
 The first token of every built sequence is a prompt token, so shifting a packed row never trains one sequence's last
-token on the next sequence's first; `PackedBatch.next_token_labels` gives the shifted form without relying on it.
+token on the next sequence's first; `PackedBatch.next_token_labels` gives the shifted form without relying on it, and
+`PackedBatch.next_token_targets` the shifted token ids (what log-probs are computed of).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from prism_mcore.data.samples import IGNORE_INDEX, TokenSequence
+from prism_mcore.record import ImageInputs
 
 
 @dataclass
@@ -33,12 +38,13 @@ class PackedBatch:
     """Sequences packed into one row for a varlen forward."""
 
     input_ids: torch.Tensor  # [1, T] int64
-    position_ids: torch.Tensor  # [3, 1, T] int64, MRoPE (temporal, height, width), restarting per sequence
     cu_seqlens: torch.Tensor  # [N + 1] int32: sequence i is tokens cu_seqlens[i]:cu_seqlens[i + 1]
     max_seqlen: int
     labels: torch.Tensor  # [1, T] int64, IGNORE_INDEX where no loss applies
-    pixel_values: torch.Tensor | None  # [sum of patches, C*T*P*P], images in sequence order
-    image_grid_thw: torch.Tensor | None  # [num images, 3]
+    # [3, 1, T] int64, MRoPE (temporal, height, width), restarting per sequence; None: the model derives them
+    position_ids: torch.Tensor | None = None
+    pixel_values: torch.Tensor | None = None  # [sum of patches, C*T*P*P], images in sequence order
+    image_grid_thw: torch.Tensor | None = None  # [num images, 3]
     score_indices: torch.Tensor | None = None  # [N] int64: each sequence's scored token, as an index into T
 
     @property
@@ -53,6 +59,10 @@ class PackedBatch:
     def loss_mask(self) -> torch.Tensor:
         return self.labels != IGNORE_INDEX
 
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """This batch with every tensor on `device`."""
+        return replace(self, **{k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)})
+
     def sequence_position_ids(self) -> torch.Tensor:
         """`[1, T]`: 0..L_i-1 within each sequence."""
         starts = self.cu_seqlens[:-1].long()
@@ -63,14 +73,29 @@ class PackedBatch:
         """`[4, 1, T]`: per-sequence text positions above the MRoPE rows, the layout with which transformers'
         Qwen3-VL finds the packed sequence boundaries (a position reset) and keeps attention within them; it does so
         only without an attention mask and without a KV cache (`use_cache=False`)."""
+        if self.position_ids is None:
+            raise ValueError("this batch has no MRoPE positions: pack built sequences with `pack_sequences`")
         return torch.cat([self.sequence_position_ids().unsqueeze(0), self.position_ids])
 
     def next_token_labels(self) -> torch.Tensor:
         """`[1, T]` shifted labels: position t holds the label of token t+1 of the same sequence, IGNORE_INDEX at
         each sequence's last token (Megatron's convention, where logits[t] is scored against labels[t])."""
-        shifted = torch.full_like(self.labels, IGNORE_INDEX)
-        shifted[:, :-1] = self.labels[:, 1:]
-        shifted[:, self.cu_seqlens[1:].long() - 1] = IGNORE_INDEX
+        return self._next_in_sequence(self.labels, IGNORE_INDEX)
+
+    def next_token_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets `[1, T]` (the id at t+1 of the same sequence) and a bool mask `[1, T]` of positions that have one.
+
+        The last token of each sequence has no target (the next id belongs to another sequence): its target is 0 and
+        its mask False.
+        """
+        valid = self._next_in_sequence(torch.ones_like(self.input_ids, dtype=torch.bool), False)
+        return self._next_in_sequence(self.input_ids, 0), valid
+
+    def _next_in_sequence(self, values: torch.Tensor, fill: int | bool) -> torch.Tensor:
+        """`values [1, T]` shifted left by one token within each sequence, `fill` at each sequence's last token."""
+        shifted = torch.full_like(values, fill)
+        shifted[:, :-1] = values[:, 1:]
+        shifted[:, self.cu_seqlens[1:].long() - 1] = fill
         return shifted
 
 
@@ -91,11 +116,11 @@ def _labels(sequence: TokenSequence) -> torch.Tensor:
     return sequence.labels if sequence.labels is not None else torch.full_like(sequence.input_ids, IGNORE_INDEX)
 
 
-def _image_inputs(sequences: Sequence[TokenSequence]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    inputs = [sequence.image_inputs for sequence in sequences if sequence.image_inputs is not None]
-    if not inputs:
+def _image_inputs(images: Sequence[ImageInputs | None]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    present = [item for item in images if item is not None]
+    if not present:
         return None, None
-    return torch.cat([i.pixel_values for i in inputs]), torch.cat([i.image_grid_thw for i in inputs])
+    return torch.cat([i.pixel_values for i in present]), torch.cat([i.image_grid_thw for i in present])
 
 
 def _score_indices(sequences: Sequence[TokenSequence], offsets: Sequence[int]) -> torch.Tensor | None:
@@ -108,23 +133,59 @@ def _score_indices(sequences: Sequence[TokenSequence], offsets: Sequence[int]) -
 
 
 def pack_sequences(sequences: Sequence[TokenSequence]) -> PackedBatch:
-    """Concatenate `sequences` into one `PackedBatch`."""
+    """Concatenate built `sequences` into one `PackedBatch`, with their MRoPE positions, labels and score indices."""
+    input_ids = [sequence.input_ids for sequence in sequences]
+    batch = pack_token_ids(input_ids, [sequence.image_inputs for sequence in sequences])
+    return replace(
+        batch,
+        position_ids=torch.cat([sequence.position_ids for sequence in sequences], dim=1).unsqueeze(1),
+        labels=torch.cat([_labels(sequence) for sequence in sequences]).unsqueeze(0),
+        score_indices=_score_indices(sequences, batch.cu_seqlens[:-1].tolist()),
+    )
+
+
+def pack_token_ids(sequences: Sequence[torch.Tensor], images: Sequence[ImageInputs | None] = ()) -> PackedBatch:
+    """Pack 1-D token id tensors (and, per sequence, its images or None) into one `PackedBatch` without a loss; the
+    model derives each sequence's MRoPE positions from its image tokens and `image_grid_thw`."""
     if not sequences:
         raise ValueError("cannot pack an empty list of sequences")
+    if images and len(images) != len(sequences):
+        raise ValueError(f"{len(images)} image entries for {len(sequences)} sequences")
     lengths = torch.tensor([len(sequence) for sequence in sequences])
+    if bool((lengths == 0).any()):
+        raise ValueError("cannot pack an empty sequence")
     cu_seqlens = torch.zeros(len(sequences) + 1, dtype=torch.int32)
     cu_seqlens[1:] = lengths.cumsum(0)
-    pixel_values, image_grid_thw = _image_inputs(sequences)
+    input_ids = torch.cat(list(sequences)).unsqueeze(0)
+    pixel_values, image_grid_thw = _image_inputs(images)
     return PackedBatch(
-        input_ids=torch.cat([sequence.input_ids for sequence in sequences]).unsqueeze(0),
-        position_ids=torch.cat([sequence.position_ids for sequence in sequences], dim=1).unsqueeze(1),
+        input_ids=input_ids,
         cu_seqlens=cu_seqlens,
         max_seqlen=int(lengths.max()),
-        labels=torch.cat([_labels(sequence) for sequence in sequences]).unsqueeze(0),
+        labels=torch.full_like(input_ids, IGNORE_INDEX),
         pixel_values=pixel_values,
         image_grid_thw=image_grid_thw,
-        score_indices=_score_indices(sequences, cu_seqlens[:-1].tolist()),
     )
+
+
+def pack_padded(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+) -> PackedBatch:
+    """Drop the padding of a `[b, s]` batch (any padding side) and pack its rows; images stay in row order."""
+    mask = attention_mask.bool()
+    batch = pack_token_ids([input_ids[row][mask[row]] for row in range(input_ids.shape[0])])
+    return replace(batch, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+
+
+def unpack_to_padded(values: torch.Tensor, attention_mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Scatter per-token outputs `[1, T, ...]` of a batch packed by `pack_padded` back to `[b, s, ...]`."""
+    mask = attention_mask.bool()
+    out = values.new_full((*mask.shape, *values.shape[2:]), fill)
+    out[mask] = values[0]
+    return out
 
 
 def pad_sequences(sequences: Sequence[TokenSequence], pad_token_id: int) -> PaddedBatch:
@@ -142,7 +203,7 @@ def pad_sequences(sequences: Sequence[TokenSequence], pad_token_id: int) -> Padd
         attention_mask[row, :size] = 1
         position_ids[:, row, :size] = sequence.position_ids
         labels[row, :size] = _labels(sequence)
-    pixel_values, image_grid_thw = _image_inputs(sequences)
+    pixel_values, image_grid_thw = _image_inputs([sequence.image_inputs for sequence in sequences])
     return PaddedBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -2,13 +2,23 @@
 caption/think/answer response layout.
 
 Everything that writes or renders PRISM prompts and responses (dataset builders, chat rendering, evaluation) takes
-them from here, so the policy, the discriminator and the rewards all see the same strings.
+them from here, so the policy, the discriminator and the rewards all see the same strings; the response tags
+themselves are defined with the validity rule that reads them, in `rewards.response_format`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from prism_mcore.rewards.response_format import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    CAPTION_CLOSE,
+    CAPTION_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+)
 
 # The reference's Python copies of the prompt end with a newline after `</answer>` (its jinja default does not);
 # we follow the Python copies, which are what the training data was built with.
@@ -30,9 +40,6 @@ SYSTEM_PROMPT = (
 )
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory / verl placeholder for one image in a text turn
-
-# The six response tags; in Qwen3 vocabularies (and the embedded one) each is a single non-special token.
-RESPONSE_TAGS = ("<caption>", "</caption>", "<think>", "</think>", "<answer>", "</answer>")
 
 
 def user_prompt(question: str) -> str:
@@ -57,13 +64,13 @@ class Response:
     def caption(self) -> str:
         """The caption segment with its tags; the reference's `teacher_caption` field."""
         bullets = "\n".join(f"- {line}" for line in self.caption_lines)
-        return f"<caption>\n{bullets}\n</caption>"
+        return f"{CAPTION_OPEN}\n{bullets}\n{CAPTION_CLOSE}"
 
     @property
     def cot(self) -> str:
         """The reasoning and answer with their tags; the reference's `teacher_cot` field."""
         reasoning = "\n".join(self.reasoning_lines)
-        return f"<think>\n{reasoning}\n</think>\n<answer>\n{self.answer}\n</answer>"
+        return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n{ANSWER_OPEN}\n{self.answer}\n{ANSWER_CLOSE}"
 
     @property
     def text(self) -> str:

@@ -37,9 +37,15 @@ RESPONSE_FORMAT_REGEX = re.compile(
     r"^\s*(<caption>.*?</caption>)\s*(<think>.*?</think>\s*<answer>.*?</answer>)\s*$", re.DOTALL
 )
 
-# Qwen-VL's vision markers. A policy must never generate them: re-scoring a response that holds them would make the
-# model look for image features that do not exist.
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+# Qwen-VL's vision markers, each with the model-config field that holds its id. A policy must never generate them:
+# re-scoring a response that holds them would make the model look for image features that do not exist. (Qwen's
+# `<|vision_pad|>` is not one: neither the processor nor the model reads it, and no config field names it.)
+VISION_TOKENS = {
+    "<|vision_start|>": "vision_start_token_id",
+    "<|vision_end|>": "vision_end_token_id",
+    "<|image_pad|>": "image_token_id",
+    "<|video_pad|>": "video_token_id",
+}
 
 _WHITESPACE = re.compile(r"\s*")  # the regex's own `\s`, so both agree on every Unicode space
 

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoConfig
 
 from prism_mcore.config.schema import RolloutConfig
-from prism_mcore.rollout.base import RolloutEngine, RolloutError, SamplingParams, vision_token_ids
+from prism_mcore.rollout.base import RolloutEngine, RolloutError, SamplingParams, config_vision_token_ids
 from prism_mcore.rollout.endpoint import RetryPolicy
 from prism_mcore.rollout.local import LocalEngine
 from prism_mcore.rollout.sglang_engine import SGLangEngine
@@ -87,7 +87,7 @@ def build_rollout_engine(
         request_timeout_s=config.request_timeout_s,
         retry=RetryPolicy(max_retries=config.max_retries, backoff_s=config.retry_backoff_s),
         max_concurrency=config.max_concurrent_requests,
-        vision_token_ids=vision_token_ids(AutoConfig.from_pretrained(str(policy_path), local_files_only=True)),
+        vision_token_ids=config_vision_token_ids(AutoConfig.from_pretrained(str(policy_path), local_files_only=True)),
         weight_version=weight_version,
     )
     engine.wait_until_ready(config.server_ready_timeout_s)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from prism_mcore.record import Sample
+from prism_mcore.rewards.response_format import VISION_TOKENS
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -32,10 +33,6 @@ FinishReason = Literal["stop", "length"]
 
 # SGLang treats temperatures below this as greedy decoding (temperature 1, top-k 1); so do we.
 GREEDY_TEMPERATURE = 1e-6
-
-# The Qwen-VL config fields naming the tokens only the processor may place: a policy that samples one of them
-# produces a response that cannot be re-scored ("Image features and image tokens do not match").
-VISION_TOKEN_CONFIG_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 class RolloutError(RuntimeError):
@@ -98,9 +95,11 @@ class SamplingParams:
         )
 
 
-def vision_token_ids(config: PretrainedConfig) -> tuple[int, ...]:
-    """The vision placeholder token ids a Qwen-VL model config names (those it has of `VISION_TOKEN_CONFIG_FIELDS`)."""
-    ids = (getattr(config, name, None) for name in VISION_TOKEN_CONFIG_FIELDS)
+def config_vision_token_ids(config: PretrainedConfig) -> tuple[int, ...]:
+    """The ids of the vision markers (`rewards.response_format.VISION_TOKENS`) a Qwen-VL model config names: only
+    the processor may place them, and a policy that samples one produces a response that cannot be re-scored
+    ("Image features and image tokens do not match")."""
+    ids = (getattr(config, field, None) for field in VISION_TOKENS.values())
     return tuple(int(token) for token in ids if token is not None)
 
 

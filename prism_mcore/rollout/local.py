@@ -35,7 +35,7 @@ from prism_mcore.rollout.base import (
     RolloutError,
     SamplingParams,
     completed_sample,
-    vision_token_ids,
+    config_vision_token_ids,
 )
 
 # Qwen's end-of-turn and end-of-text tokens: Qwen3-VL's generation config stops at both (PRISM_SPEC §8.3).
@@ -100,9 +100,9 @@ class LocalEngine(RolloutEngine):
         self.device = next(model.parameters()).device
         self.eos_token_ids = tuple(int(token) for token in eos_token_ids)
         self.pad_token_id = int(pad_token_id)
-        self.suppress_token_ids = tuple(
-            vision_token_ids(model.config) if suppress_token_ids is None else (int(t) for t in suppress_token_ids)
-        )
+        if suppress_token_ids is None:
+            suppress_token_ids = config_vision_token_ids(model.config)
+        self.suppress_token_ids = tuple(int(token) for token in suppress_token_ids)
         self.image_token_id = getattr(model.config, "image_token_id", None)
         self.max_batch_size = max_batch_size
         self._weight_version = weight_version

@@ -11,8 +11,9 @@ once, and a version label, and leaves every server serving those weights under t
   TP rank (`/init_weights_update_group`), then per bucket `/update_weights_from_distributed` with names, dtypes and
   shapes while the trainer broadcasts the tensors, also between begin/end. NCCL in production; the project's CPU
   server joins gloo groups, which is how the protocol is tested without GPUs.
-- `DiskWeightSync` (any topology with a shared filesystem): the trainer writes an HF checkpoint folder and the
-  servers load it with `/update_weights_from_disk`.
+- `DiskWeightSync` (any topology with a shared filesystem): the trainer writes an HF checkpoint folder
+  (`hf_checkpoint.write_hf_checkpoint`, as the HF export does) and the servers load it with
+  `/update_weights_from_disk`.
 
 The version label rides on the last request of a sync, so a server reports the new version only once it holds all
 of the new weights.
@@ -20,10 +21,9 @@ of the new weights.
 
 from __future__ import annotations
 
-import json
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,19 +32,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
+from prism_mcore.hf_checkpoint import NamedTensors, tensor_buckets, write_hf_checkpoint
 from prism_mcore.rollout.base import RolloutError
 from prism_mcore.rollout.endpoint import SGLangEndpoint
 from prism_mcore.rollout.protocol import serialize_named_tensors
 
-NamedTensors = Iterable[tuple[str, torch.Tensor]]
 Bucket = list[tuple[str, torch.Tensor]]
 
 DEFAULT_BUCKET_BYTES = 512 * 1024**2
-# Files of an HF checkpoint folder that hold weights; everything else (config, tokenizer, processor) is copied.
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-WEIGHT_INDEX_FILE = "model.safetensors.index.json"
 
 
 class WeightSyncError(RolloutError):
@@ -55,22 +51,13 @@ def buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[tuple[Bu
     """Group the stream into lists of at most `bucket_bytes` (a larger tensor gets a bucket of its own), each with a
     flag telling whether it is the last; raises `WeightSyncError` on an empty stream."""
     pending: Bucket | None = None
-    current: Bucket = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > bucket_bytes:
-            if pending is not None:
-                yield pending, False
-            pending, current, size = current, [], 0
-        current.append((name, tensor))
-        size += nbytes
-    if pending is None and not current:
+    for bucket in tensor_buckets(named_tensors, bucket_bytes):
+        if pending is not None:
+            yield pending, False
+        pending = bucket
+    if pending is None:
         raise WeightSyncError("the weight stream yielded no tensors")
-    if pending is not None:
-        yield pending, not current
-    if current:
-        yield current, True
+    yield pending, True
 
 
 def _post_all(endpoints: Sequence[SGLangEndpoint], path: str, payloads: Sequence[dict[str, Any]]) -> None:
@@ -300,58 +287,22 @@ class DistributedWeightSync(WeightSync):
         self._group = None
 
 
-CheckpointWriter = Callable[[NamedTensors, Path], None]
-
-
-def write_safetensors_checkpoint(
-    named_tensors: NamedTensors, directory: Path, max_shard_bytes: int = 5 * 1024**3
-) -> None:
-    """Stream `(hf_name, tensor)` pairs into `model-0000k-of-0000N.safetensors` shards plus the weight-map index
-    `transformers` and SGLang read, holding at most one shard in memory."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shard_files: list[str] = []
-    weight_map: dict[str, str] = {}
-    for shard, _ in buckets(named_tensors, max_shard_bytes):
-        file_name = f"shard-{len(shard_files):05d}.safetensors"
-        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in shard}, directory / file_name)
-        shard_files.append(file_name)
-        weight_map.update({name: file_name for name, _ in shard})
-    # The standard names need the shard count, known only now.
-    final_names = {
-        file_name: f"model-{index + 1:05d}-of-{len(shard_files):05d}.safetensors"
-        for index, file_name in enumerate(shard_files)
-    }
-    for file_name, final_name in final_names.items():
-        (directory / file_name).rename(directory / final_name)
-    index = {"metadata": {}, "weight_map": {name: final_names[file] for name, file in weight_map.items()}}
-    (directory / WEIGHT_INDEX_FILE).write_text(json.dumps(index, indent=2))
-
-
 @dataclass
 class DiskWeightSync(WeightSync):
     """Sync through a checkpoint folder the servers can read (`/update_weights_from_disk`).
 
-    Version v is written to `<directory>/weights_v<v>` by `writer` (default: safetensors shards), next to copies of
-    the non-weight files of `base_checkpoint` (config, tokenizer, processor), so the folder is a complete HF
-    checkpoint; it is written under a temporary name and renamed, so no server ever sees half of it. The previous
-    version's folder is removed once every server has loaded the new one.
+    Version v is written to `<directory>/weights_v<v>`: safetensors shards next to copies of the non-weight files of
+    `base_checkpoint` (config, tokenizer, processor), so the folder is a complete HF checkpoint; it is written under
+    a temporary name and renamed, so no server ever sees half of it. The previous version's folder is removed once
+    every server has loaded the new one.
     """
 
     directory: Path
     base_checkpoint: Path
-    writer: CheckpointWriter = write_safetensors_checkpoint
     _current: Path | None = field(default=None, init=False, repr=False)
 
     def push(self, endpoints: Sequence[SGLangEndpoint], named_tensors: NamedTensors, version: str) -> None:
-        target = Path(self.directory) / f"weights_v{version}"
-        staging = target.with_name(target.name + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.writer(named_tensors, staging)
-        for source in Path(self.base_checkpoint).iterdir():
-            if source.is_file() and not source.name.endswith(WEIGHT_FILE_SUFFIXES) and source.name != WEIGHT_INDEX_FILE:
-                shutil.copy2(source, staging / source.name)
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        target = write_hf_checkpoint(named_tensors, Path(self.directory) / f"weights_v{version}", self.base_checkpoint)
         payload = {"model_path": str(target.resolve()), "weight_version": version, "flush_cache": False}
         _post_all(endpoints, "/update_weights_from_disk", [payload] * len(endpoints))
         if self._current is not None and self._current != target:

@@ -66,8 +66,13 @@ def load_model_checkpoint(models: Models, directory: str | Path) -> None:
     directory = Path(directory)
     if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
         raise FileNotFoundError(f"{directory} is not a Megatron distributed checkpoint")
+    load_model_state(models, dist_checkpointing.load(model_sharded_state(models), str(directory)))
+
+
+def load_model_state(models: Models, loaded: dict[str, Any]) -> None:
+    """Load the model part of a loaded sharded state (keyed as `model_sharded_state` keys it) into these chunks,
+    strictly."""
     chunks = _chunks(models)
-    loaded = dist_checkpointing.load(model_sharded_state(chunks), str(directory))
     for index, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[_chunk_key(index, len(chunks))], strict=True)
 

@@ -10,9 +10,9 @@ The math (temperature, chunking, the shard reductions and their gradients) is th
 Inside a forward, `logprobs_output_processor` replaces the vocabulary projection of the last pipeline stage, so the
 model returns `(logprobs, entropy)` instead of logits:
 
-    targets, valid = batch.next_token_targets()                # models/inputs.py: id at t+1 of each sequence
+    targets, valid = batch.next_token_targets()                # data/batching.py: id at t+1 of each sequence
     logprobs, entropy = model(
-        **batch.model_kwargs(),
+        **forward_kwargs(batch),                               # models/inputs.py
         output_processor=logprobs_output_processor,
         output_processor_context=LogProbRequest(targets, temperature=1.0),
     )                                                          # both [1, T], fp32; mask with `valid`

@@ -127,7 +127,7 @@ def save_policy(tokenizer: PreTrainedTokenizerBase, folder: Path, seed: int) -> 
 
 def save_discriminator(tokenizer: PreTrainedTokenizerBase, folder: Path, seed: int) -> Path:
     """The dense discriminator base, seeded with `seed`, upcycled into `folder` (its noise seeded with `seed + 1`)."""
-    # Imported here: the `prism_mcore.models` package imports Megatron (seconds), which only a build needs.
+    # Imported here: `prism_mcore.models` builds on data/, which loads it only when a build upcycles.
     from prism_mcore.models.upcycle import upcycle_to_moe
 
     with tempfile.TemporaryDirectory(prefix="prism-dense-discriminator-") as dense_dir:

@@ -22,7 +22,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2Tokenizer
 
-from prism_mcore.data.prompts import RESPONSE_TAGS
+from prism_mcore.rewards.response_format import RESPONSE_TAGS
 
 # Qwen2/3's special tokens, in their vocabulary order (151643 ... 151656 in the released models).
 SPECIAL_TOKENS = (

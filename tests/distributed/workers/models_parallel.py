@@ -85,7 +85,8 @@ def check_dense(args, model_cfg, parallel) -> dict:
     from safetensors.torch import load_file
     from transformers import Qwen3VLForConditionalGeneration
 
-    from prism_mcore.models import build_policy, iter_hf_weights, pack_sequences, save_hf
+    from prism_mcore.data.batching import pack_token_ids
+    from prism_mcore.models import build_policy, forward_kwargs, iter_hf_weights, save_hf
     from prism_mcore.record import ImageInputs
     from prism_mcore.training.checkpoint import save_model_checkpoint
     from prism_mcore.training.logprobs import LogProbRequest, logprobs_output_processor
@@ -106,11 +107,11 @@ def check_dense(args, model_cfg, parallel) -> dict:
             if last_stage:
                 result[f"logits_{name}"] = max_diff(logits, hf_forward(hf, inputs).logits)
         short = {"input_ids": text["input_ids"][:, :5]}
-        batch = pack_sequences(
+        batch = pack_token_ids(
             [text["input_ids"][0], image_text["input_ids"][0], short["input_ids"][0]],
             [None, ImageInputs(image_text["pixel_values"], image_text["image_grid_thw"]), None],
         )
-        packed = run(policy.chunks, {**batch.model_kwargs(), "runtime_gather_output": True})
+        packed = run(policy.chunks, {**forward_kwargs(batch), "runtime_gather_output": True})
         if last_stage:
             reference = torch.cat([hf_forward(hf, x).logits[0] for x in (text, image_text, short)])
             result["logits_packed"] = max_diff(packed[0], reference)
@@ -121,7 +122,7 @@ def check_dense(args, model_cfg, parallel) -> dict:
     request = LogProbRequest(targets, temperature=TEMPERATURE)
     output = run(
         policy.chunks,
-        {**batch.model_kwargs(), "output_processor": logprobs_output_processor, "output_processor_context": request},
+        {**forward_kwargs(batch), "output_processor": logprobs_output_processor, "output_processor_context": request},
         backward=True,
     )
     hf_logprobs, hf_entropy = [], []

@@ -9,10 +9,13 @@ import torch
 from transformers import Qwen3VLForConditionalGeneration
 
 from prism_mcore.data.batching import (
+    pack_padded,
     pack_sequences,
+    pack_token_ids,
     pad_sequences,
     stream_token_budget_batches,
     token_budget_batches,
+    unpack_to_padded,
 )
 from prism_mcore.data.readers import ChatMessage, RowOrigin, SftExample
 from prism_mcore.data.samples import IGNORE_INDEX, SampleBuilder, TokenSequence
@@ -64,6 +67,28 @@ def test_pack_concatenates_sequences_with_boundaries() -> None:
     assert torch.equal(
         batch.pixel_values, torch.cat([first.image_inputs.pixel_values, third.image_inputs.pixel_values])
     )
+
+
+def test_packed_token_ids_leave_positions_to_the_model_and_shift_targets_within_sequences() -> None:
+    images = ImageInputs(torch.ones(4, 2), torch.tensor([[1, 2, 2]]))
+    batch = pack_token_ids([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], [None, images])
+    assert batch.cu_seqlens.tolist() == [0, 3, 5] and batch.max_seqlen == 3
+    assert batch.position_ids is None and not batch.loss_mask.any()
+    assert torch.equal(batch.image_grid_thw, images.image_grid_thw)
+    targets, valid = batch.next_token_targets()
+    assert targets.tolist() == [[2, 3, 0, 5, 0]]
+    assert valid.tolist() == [[True, True, False, True, False]]
+    with pytest.raises(ValueError, match="empty sequence"):
+        pack_token_ids([torch.tensor([1]), torch.tensor([], dtype=torch.long)])
+
+
+def test_pack_padded_takes_any_padding_side_and_unpacks_back() -> None:
+    ids = torch.tensor([[0, 0, 1, 2], [3, 4, 5, 0]])  # left-padded, then right-padded
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
+    batch = pack_padded(ids, mask)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5]] and batch.cu_seqlens.tolist() == [0, 2, 5]
+    restored = unpack_to_padded(batch.input_ids.unsqueeze(-1).float(), mask, fill=-1.0)
+    assert restored.squeeze(-1).tolist() == [[-1, -1, 1, 2], [3, 4, 5, -1]]
 
 
 def test_pad_right_pads_with_attention_mask() -> None:

@@ -9,7 +9,8 @@ from transformers import Qwen2Tokenizer
 from prism_mcore.data.embedded import EmbeddedAssets
 from prism_mcore.data.embedded.task import Example
 from prism_mcore.data.embedded.tokenizer import SPECIAL_TOKENS, VOCAB_SIZE, token_ids, train_tokenizer
-from prism_mcore.data.prompts import RESPONSE_TAGS, SYSTEM_PROMPT, user_prompt
+from prism_mcore.data.prompts import SYSTEM_PROMPT, user_prompt
+from prism_mcore.rewards.response_format import RESPONSE_TAGS
 
 EXPECTED_IDS = {
     "<|endoftext|>": 620,

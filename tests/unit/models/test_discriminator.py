@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from prism_mcore.config.schema import ParallelConfig
-from prism_mcore.models import build_discriminator, last_token_scores, last_token_scores_packed, pack_padded, save_hf
+from prism_mcore.data.batching import pack_padded
+from prism_mcore.models import build_discriminator, forward_kwargs, last_token_scores, last_token_scores_packed, save_hf
 from prism_mcore.models.discriminator import VALUE_HEAD_HF_NAME, ValueHead
 from tests.unit.models.conftest import FP32_SDPA
 from tests.unit.models.tiny_checkpoints import VOCAB, hf_forward, image_text_inputs, text_inputs
@@ -99,7 +100,7 @@ def test_packed_scores_read_at_each_sequence_end(discriminator) -> None:
     ids[1, :9], mask[1, :9] = text["input_ids"][0], 1  # right padding
     batch = pack_padded(ids, mask, image_text["pixel_values"], image_text["image_grid_thw"])
     with torch.no_grad():
-        packed = last_token_scores_packed(discriminator.chunks[0](**batch.model_kwargs()), batch.cu_seqlens)
+        packed = last_token_scores_packed(discriminator.chunks[0](**forward_kwargs(batch)), batch.cu_seqlens)
         single = [discriminator.chunks[0](**x)[0, -1, 0] for x in (image_text, text)]
     torch.testing.assert_close(packed, torch.stack(single), rtol=0, atol=1e-6)
     assert last_token_scores_packed(torch.arange(6.0), torch.tensor([0, 2, 6])).tolist() == [1.0, 5.0]

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from prism_mcore.config.schema import ModelConfig, ParallelConfig
-from prism_mcore.models import build_discriminator, build_policy, pack_sequences
+from prism_mcore.data.batching import pack_token_ids
+from prism_mcore.models import build_discriminator, build_policy, forward_kwargs
 from prism_mcore.record import ImageInputs
 from prism_mcore.runtime.compat import has_transformer_engine
 from tests.unit.models.tiny_checkpoints import hf_forward, image_text_inputs, text_inputs
@@ -43,12 +44,12 @@ def test_bf16_packed_batch_matches_per_sequence(runtime, dense_dir: Path, backen
     policy = build_policy(ModelConfig(dtype="bfloat16", attention_backend=backend), ParallelConfig(), path=dense_dir)
     policy.eval()
     image_text, text = image_text_inputs(), text_inputs()
-    batch = pack_sequences(
+    batch = pack_token_ids(
         [text["input_ids"][0], image_text["input_ids"][0]],
         [None, ImageInputs(image_text["pixel_values"], image_text["image_grid_thw"])],
     ).to("cuda")
     with torch.no_grad():
-        packed = policy.chunks[0](**batch.model_kwargs()).float()
+        packed = policy.chunks[0](**forward_kwargs(batch)).float()
         single = torch.cat([policy.chunks[0](**_cuda(x)).float()[0] for x in (text, image_text)])
     assert (packed[0] - single).abs().max().item() <= BF16_TOL
 

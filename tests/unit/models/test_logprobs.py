@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from prism_mcore.config.schema import ParallelConfig
-from prism_mcore.models import build_policy, pack_sequences
+from prism_mcore.data.batching import pack_token_ids
+from prism_mcore.models import build_policy, forward_kwargs
 from prism_mcore.record import ImageInputs
 from prism_mcore.training.logprobs import LogProbRequest, logprobs_output_processor, token_logprobs
 from tests.unit.models.conftest import FP32_SDPA
@@ -19,7 +20,7 @@ TEMPERATURE = 0.7
 def _batch_and_sequences():
     image_text, text = image_text_inputs(), text_inputs()
     sequences = [text, image_text]
-    batch = pack_sequences(
+    batch = pack_token_ids(
         [x["input_ids"][0] for x in sequences],
         [None, ImageInputs(image_text["pixel_values"], image_text["image_grid_thw"])],
     )
@@ -38,7 +39,7 @@ def test_output_processor_matches_transformers_with_gradients(runtime, dense_dir
     batch, sequences = _batch_and_sequences()
     targets, valid = batch.next_token_targets()
     logprobs, entropy = policy.chunks[0](
-        **batch.model_kwargs(),
+        **forward_kwargs(batch),
         output_processor=logprobs_output_processor,
         output_processor_context=LogProbRequest(targets, temperature=TEMPERATURE),
     )

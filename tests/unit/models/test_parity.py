@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from prism_mcore.config.schema import ParallelConfig
-from prism_mcore.models import pack_padded, pack_sequences, unpack_to_padded
+from prism_mcore.data.batching import pack_padded, pack_token_ids, unpack_to_padded
+from prism_mcore.models import forward_kwargs
 from prism_mcore.record import ImageInputs
 from tests.unit.models.conftest import FP32_SDPA
 from tests.unit.models.tiny_checkpoints import hf_forward, image_text_inputs, text_inputs
@@ -39,11 +40,11 @@ def test_packed_batch_equals_per_sequence_forwards(policy, hf_dense) -> None:
     image_text, text = image_text_inputs(), text_inputs()
     short = {"input_ids": text["input_ids"][:, :5]}
     sequences = [text, image_text, short, image_text]
-    batch = pack_sequences(
+    batch = pack_token_ids(
         [x["input_ids"][0] for x in sequences], [_images(x) if "pixel_values" in x else None for x in sequences]
     )
     with torch.no_grad():
-        packed = policy.chunks[0](**batch.model_kwargs())
+        packed = policy.chunks[0](**forward_kwargs(batch))
     expected = torch.cat([hf_forward(hf_dense, x).logits[0] for x in sequences])
     assert (packed[0] - expected).abs().max().item() <= TOL
 
@@ -61,7 +62,7 @@ def test_padded_batch_of_any_side_via_packing(policy, hf_dense, side: str) -> No
         ids[i, cols], mask[i, cols] = row, 1
     batch = pack_padded(ids, mask, image_text["pixel_values"], image_text["image_grid_thw"])
     with torch.no_grad():
-        padded = unpack_to_padded(policy.chunks[0](**batch.model_kwargs()), mask)
+        padded = unpack_to_padded(policy.chunks[0](**forward_kwargs(batch)), mask)
     for i, inputs in enumerate((image_text, text)):
         expected = hf_forward(hf_dense, inputs).logits[0]
         assert (padded[i][mask[i].bool()] - expected).abs().max().item() <= TOL

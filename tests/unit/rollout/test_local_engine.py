@@ -167,7 +167,8 @@ def test_megatron_export_feeds_the_engine_and_trainer_logprobs_match(
 ) -> None:
     """The trainer's side: the Megatron policy streams its weights into a LocalEngine holding other weights, and
     the trainer's log-probs of the rollouts equal the engine's."""
-    from prism_mcore.models import build_policy, iter_hf_weights, pack_sequences
+    from prism_mcore.data.batching import pack_token_ids
+    from prism_mcore.models import build_policy, forward_kwargs, iter_hf_weights
     from prism_mcore.runtime import init_distributed
     from prism_mcore.training.logprobs import LogProbRequest, logprobs_output_processor
 
@@ -185,13 +186,13 @@ def test_megatron_export_feeds_the_engine_and_trainer_logprobs_match(
 
     temperature = 0.7
     samples = engine.generate(prompts, SamplingParams(n=2, temperature=temperature, max_new_tokens=24, seed=4))
-    batch = pack_sequences(
+    batch = pack_token_ids(
         [torch.tensor(s.prompt_ids + s.response_ids) for s in samples], [s.image_inputs for s in samples]
     )
     targets, _ = batch.next_token_targets()
     with torch.no_grad():
         logprobs, _ = policy.chunks[0](
-            **batch.model_kwargs(),
+            **forward_kwargs(batch),
             output_processor=logprobs_output_processor,
             output_processor_context=LogProbRequest(targets, temperature=temperature),
         )
