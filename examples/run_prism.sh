@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
 # The main job: PRISM's stages (SFT -> discriminator warmup -> alignment -> RLVR) under torchrun.
 #
-#   bash examples/run_prism.sh                    # the embedded default on this machine (CPU is fine)
-#   bash examples/run_prism.sh RECIPE [k=v ...]   # a named recipe or a recipe file, with dotted overrides
+#   bash examples/run_prism.sh                    # the embedded default on this machine (CPU is fine), ~15 min
+#   bash examples/run_prism.sh RECIPE [k=v ...]   # examples/recipes/RECIPE.py, a registered recipe, or a recipe file
+#   bash examples/run_prism.sh --compare [k=v]    # SFT -> RLVR vs SFT -> PRISM -> RLVR on the embedded default
 #   NPROC=8 bash examples/run_prism.sh RECIPE     # ranks on this node (multi-node: set NNODES, NODE_RANK, MASTER_ADDR)
+#
+# Killing a run and starting the same command again resumes it: finished stages are skipped and the running stage
+# continues from its last checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash tools/install.sh
+
+prism() {
+  .venv/bin/python -m torch.distributed.run \
+    --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${NPROC:-1}" \
+    --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
+    -m prism_mcore "$@"
+}
+
+if [ "${1:-}" = "--compare" ]; then
+  shift
+  # Same seeds; the baseline's RLVR starts from the PRISM run's SFT export, so the two differ only by stage 2.
+  prism run --recipe embedded run.output_dir=runs/compare/prism "$@"
+  prism run --recipe embedded run.output_dir=runs/compare/baseline run.stages=rlvr \
+    model.policy_path=runs/compare/prism/hf/sft "$@"
+  exec .venv/bin/python -m prism_mcore compare runs/compare/baseline runs/compare/prism
+fi
+
 recipe=${1:-embedded}
 shift || true
-
-exec .venv/bin/python -m torch.distributed.run \
-  --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${NPROC:-1}" \
-  --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
-  -m prism_mcore run --recipe "$recipe" "$@"
+[ -f "examples/recipes/$recipe.py" ] && recipe="examples/recipes/$recipe.py"
+prism run --recipe "$recipe" "$@"

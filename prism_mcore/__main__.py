@@ -1,7 +1,11 @@
 """`python -m prism_mcore ...`: see prism_mcore/cli.py."""
 
 import sys
+import warnings
 
-from prism_mcore.cli import main
+# Megatron announces every optional accelerator it does not find (TE, Apex, absl) at import: noise on CPU runs.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|transformer-engine|Apex|absl).*", category=UserWarning)
+
+from prism_mcore.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -1,8 +1,11 @@
 """Command line: `python -m prism_mcore COMMAND [--recipe NAME|FILE] [section.field=value ...]`.
 
-Commands: `run` executes the stages listed in `run.stages` in order (the whole PRISM pipeline by default); `sft`,
-`warmup`, `align`, `rlvr` run one stage; `config` prints the resolved config; `recipes` lists the named recipes.
-The resolved config is saved as `<run.output_dir>/config.json` before any stage starts. Under `torchrun` every rank
+Commands: `run` executes the stages listed in `run.stages` in order (the whole PRISM pipeline by default) and ends
+with the table of accuracy per stage and the training-curve plot; `sft`, `warmup`, `align`, `rlvr` run one stage;
+`config` prints the resolved config; `recipes` lists the named recipes; `report DIR` prints a run's table again;
+`compare BASELINE_DIR PRISM_DIR` sets two runs' final accuracies side by side.
+The resolved config (embedded-default paths filled in) is saved as `<run.output_dir>/config.json` before any
+stage starts. Under `torchrun` every rank
 runs the same command.
 """
 
@@ -14,7 +17,7 @@ import importlib.util
 import json
 import sys
 
-from prism_mcore.config import RECIPES, STAGES, Config, ConfigError, apply_overrides, load_recipe, save_config, to_dict
+from prism_mcore.config import RECIPES, STAGES, Config, ConfigError, apply_overrides, load_recipe, to_dict
 from prism_mcore.training.metrics import global_rank
 
 STAGE_HELP = {
@@ -43,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         add(stage, STAGE_HELP[stage])
     add("config", "print the resolved config as JSON")
     commands.add_parser("recipes", help="list the named recipes")
+    report = commands.add_parser("report", help="print a run's per-stage table and write its plot")
+    report.add_argument("run_dir")
+    compare = commands.add_parser("compare", help="final accuracies of an SFT->RLVR and an SFT->PRISM->RLVR run")
+    compare.add_argument("baseline_dir")
+    compare.add_argument("prism_dir")
     return parser
 
 
@@ -63,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in RECIPES.items():
             print(f"{name:10s} {(fn.__doc__ or '').strip()}")
         return 0
+    if args.command in ("report", "compare"):
+        from prism_mcore import report
+
+        try:
+            text = report.finalize(args.run_dir) if args.command == "report" else report.comparison(
+                args.baseline_dir, args.prism_dir)  # fmt: skip
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(text)
+        return 0
     try:
         config = resolve_config(args.recipe, args.overrides)
         if args.command == "config":
@@ -76,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if global_rank() == 0:
-        save_config(config, f"{config.run.output_dir}/config.json")
     for runner in runners:
         runner(config)
+    if args.command == "run" and global_rank() == 0:
+        from prism_mcore import report
+
+        print("\n" + report.finalize(config.run.output_dir), flush=True)
+    from prism_mcore.runtime import shutdown
+
+    shutdown()
     return 0

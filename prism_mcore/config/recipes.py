@@ -36,11 +36,14 @@ def embedded() -> Config:
     config = Config()
     config.run.name = "embedded"
     config.run.output_dir = "runs/embedded"
+    config.run.log_every = 10
     config.data.max_prompt_length = 256
     config.data.max_response_length = 128
     config.data.max_tokens_per_microbatch = 2048
     config.rollout.n = 8
     config.rollout.max_new_tokens = 128
+    config.align.max_new_tokens = 128
+    config.rlvr.max_new_tokens = 128
     config.sft.global_batch_size = 16
     config.sft.micro_batch_size = 8
     config.sft.max_length = 384
@@ -64,6 +67,38 @@ def embedded() -> Config:
     config.rlvr.save_every = 10
     config.rlvr.eval_every = 0
     config.rlvr.optim.lr = 1e-4
+    return config
+
+
+def qwen3vl_cluster(size: str = "4b", rl: str = "grpo", with_prism: bool = True) -> Config:
+    """The released scripts' setting for Qwen3-VL-`size` on 8 H100s (PRISM_SPEC §4, §5.1), GRPO, DAPO or GSPO.
+
+    Checkpoints and data are site-specific: pass `model.policy_path` (the Qwen3-VL-Instruct start, or an SFT
+    checkpoint with `run.stages=align,rlvr`), `model.discriminator_path` (tools/upcycle_moe.py output), the `data.*`
+    files and `rollout.server_urls` (SGLang servers started with the policy checkpoint).
+    `with_prism=False` is the SFT -> RLVR baseline without stage 2.
+    """
+    if size not in ("4b", "8b") or rl not in ("grpo", "dapo", "gspo"):
+        raise ConfigError(f"no released recipe for Qwen3-VL-{size} with {rl}")
+    config = Config()
+    config.run.name = f"qwen3vl_{size}_{rl}" + ("" if with_prism else "_baseline")
+    config.run.output_dir = f"runs/{config.run.name}"
+    config.run.stages = ["sft", "warmup", "align", "rlvr"] if with_prism else ["sft", "rlvr"]
+    config.parallel.tensor = 1 if size == "4b" else 2
+    config.rollout.engine = "sglang"
+    config.rollout.weight_sync = "tensor"
+    config.data.max_prompt_length = 2048
+    config.data.max_response_length = 8192
+    config.data.max_tokens_per_microbatch = 8192  # the alignment stage's 8192 tokens per GPU
+    config.rlvr.policy_loss.preset = rl
+    config.rlvr.optim.weight_decay = 0.01 if rl == "grpo" else 0.1
+    if rl == "dapo":
+        config.rlvr.optim.warmup_steps = 10
+        config.rlvr.dynamic_sampling = True
+        config.rlvr.overlong_buffer = 4096
+        config.rlvr.overlong_penalty_factor = 1.0
+    if rl == "gspo":
+        config.rlvr.optim.warmup_ratio = 0.05
     return config
 
 

@@ -26,6 +26,7 @@ class RunConfig:
     seed: int = 42
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # the stages `run` executes, in order
     log_every: int = 1
+    keep_last: int = 2  # step checkpoints kept per stage
     tensorboard: bool = True  # used when the tensorboard package is installed
 
 
@@ -61,11 +62,13 @@ class DataConfig:
     """Dataset files and the length/validation policy. Empty paths mean the embedded default's files."""
 
     sft_path: str = ""
+    sft_dataset: str = ""  # with sft_path a folder: the dataset's name in its dataset_info.json (LLaMA-Factory)
     warmup_path: str = ""
     align_path: str = ""
     rl_path: str = ""
     val_path: str = ""
     test_path: str = ""
+    max_eval_prompts: int = 0  # evaluate on the first N prompts of val/test; 0: all
     max_prompt_length: int = 2048
     max_response_length: int = 6144
     over_length: Literal["filter", "truncate"] = "filter"
@@ -117,17 +120,19 @@ class OptimConfig:
 
 
 @dataclass
-class PolicyLossConfig:
-    """One PPO-family policy loss; GRPO, DAPO and GSPO are presets of it (PRISM_SPEC §5)."""
+class PolicyLossSettings:
+    """The clipped policy loss: a released preset (PRISM_SPEC §4, §5.1), optionally with fields changed.
 
-    preset: Literal["grpo", "dapo", "gspo", "custom"] = "grpo"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float | None = 3.0
-    ratio: Literal["token", "sequence"] = "token"
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.0
+    Presets (algorithms/policy_loss.py): `prism_align` and `grpo` (clip 0.2/0.2, dual clip 3, token-mean), `dapo`
+    (0.2/0.28, dual clip 10, token-mean), `gspo` (sequence ratio, 3e-4/4e-4, seq-mean-token-mean). Entropy bonus and
+    KL are off in every released recipe and are not offered.
+    """
+
+    preset: Literal["prism_align", "grpo", "dapo", "gspo"] = "grpo"
+    clip_low: float | None = None  # None: the preset's value
+    clip_high: float | None = None
+    dual_clip: float | None = None  # None: the preset's value; 0 disables the dual clip
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "global-token-mean"] | None = None
 
 
 @dataclass
@@ -171,15 +176,19 @@ class AlignConfig:
 
     steps: int = 1500
     prompts_per_step: int = 4
+    max_new_tokens: int = 6144
     save_every: int = 500
     eval_every: int = 8
     caption_weight: float = 0.5
     cot_weight: float = 0.5
     format_penalty: float = 1.5
-    advantage_mode: Literal["released", "sign_align", "rlvr_v2", "rlvr", "gated_align", "acc_gating"] = "released"
+    # multi_reward is the released mode; the others combine D's scores with the rule reward (PRISM_SPEC §4 table)
+    advantage_mode: Literal["multi_reward", "sign_align", "rlvr_v2", "rlvr", "gated_align", "acc_gating"] = (
+        "multi_reward"
+    )
     score_clip: float = 10.0
     score_reg_coef: float = 0.001
-    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    policy_loss: PolicyLossSettings = field(default_factory=lambda: PolicyLossSettings(preset="prism_align"))
     policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
     discriminator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
 
@@ -190,6 +199,7 @@ class RLVRConfig:
 
     steps: int = 1500
     prompts_per_step: int = 32
+    max_new_tokens: int = 8192
     save_every: int = 500
     eval_every: int = 8
     accuracy_weight: float = 0.8
@@ -199,7 +209,7 @@ class RLVRConfig:
     max_generation_batches: int = 10
     overlong_buffer: int = 0  # DAPO overlong penalty buffer length in tokens; 0 disables it
     overlong_penalty_factor: float = 1.0
-    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    policy_loss: PolicyLossSettings = field(default_factory=PolicyLossSettings)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
 
 

@@ -1,6 +1,22 @@
 """Distributed runtime: process groups (NCCL or gloo), Megatron model-parallel groups, seeding, device detection,
 and the compatibility layer that lets the same Megatron code run without CUDA or Transformer Engine."""
 
-from prism_mcore.runtime.distributed import DistEnv, default_device, init_distributed, seed_everything, shutdown
+from prism_mcore.runtime.distributed import (
+    DistEnv,
+    broadcast_from_last_stage,
+    default_device,
+    gather_data_parallel,
+    init_distributed,
+    seed_everything,
+    shutdown,
+)
 
-__all__ = ["DistEnv", "default_device", "init_distributed", "seed_everything", "shutdown"]
+__all__ = [
+    "DistEnv",
+    "broadcast_from_last_stage",
+    "default_device",
+    "gather_data_parallel",
+    "init_distributed",
+    "seed_everything",
+    "shutdown",
+]

@@ -14,6 +14,7 @@ import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class DistEnv:
     ep: int
     cp: int
     dp: int
+    dp_rank: int  # this rank's data-parallel index: which share of a global batch it trains on
 
     @property
     def is_main(self) -> bool:
@@ -130,6 +132,7 @@ def init_distributed(parallel: ParallelConfig | None = None, seed: int = 42) -> 
         ep=parallel.expert,
         cp=parallel.context,
         dp=dp,
+        dp_rank=parallel_state.get_data_parallel_rank(),
     )
 
 
@@ -142,3 +145,28 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def gather_data_parallel(obj: Any) -> list[Any]:
+    """Every data-parallel rank's `obj`, in DP-rank order (one share of work per rank, results for all)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, obj, group=group)
+    return gathered
+
+
+def broadcast_from_last_stage(obj: Any) -> Any:
+    """The last pipeline stage's `obj` on every stage (losses and scores exist only on the last stage)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(
+        holder,
+        src=parallel_state.get_pipeline_model_parallel_last_rank(),
+        group=parallel_state.get_pipeline_model_parallel_group(),
+    )
+    return holder[0]

@@ -82,6 +82,15 @@ class MetricsLogger:
             for key, value in metrics.items():
                 self._writer.add_scalar(f"{stage}/{key}", float(value), step)
 
+    def truncate(self, stage: str, last_step: int) -> None:
+        """Drop `stage`'s records after `last_step`: a run resumed from that step logs those steps again."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r["stage"] != stage or r["step"] <= last_step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()

@@ -1,8 +1,8 @@
 """Resumable training state: atomic step checkpoints, keep-last-k, and per-stage completion markers.
 
-A step checkpoint is one Megatron dist-checkpoint (torch_dist) folder holding the model and optimizer shards of
-every rank, plus `meta.json` (step, LR-scheduler state, data position, anything the stage adds) and one
-`rng_rank{R}.pt` per rank. It is written into `.tmp-step_N`, and renamed to `step_N` by rank 0 only after every
+A step checkpoint is a folder holding, per trained model (the policy; in alignment also the discriminator), a
+Megatron dist-checkpoint (torch_dist) subfolder with the model and optimizer shards of every rank, plus
+`meta.json` (step, LR-scheduler states, the stage's own state) and one `rng_rank{R}.pt` per rank. It is written into `.tmp-step_N`, and renamed to `step_N` by rank 0 only after every
 rank has finished writing, so a run killed at any moment leaves either a complete checkpoint or none: the previous
 one stays valid. `latest()` only ever returns complete folders. A stage that finishes writes `<stage>.done`
 (with its exported HF checkpoint path and final metrics), so a restarted pipeline skips finished stages.
@@ -14,6 +14,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+
+from prism_mcore.training.checkpoint import load_model_state, model_sharded_state
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -55,19 +58,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under Megatron's DDP wrapper: checkpoints hold the bare model's names, whatever the wrapping."""
-    return getattr(model, "module", model)
-
-
 def _sharded_state(models: list[torch.nn.Module], optimizer: Any | None, is_loading: bool) -> dict[str, Any]:
-    state: dict[str, Any] = {}
-    model_state: dict[str, Any] = {}
-    for index, model in enumerate(models):
-        key = "model" if len(models) == 1 else f"model{index}"
-        state[key] = _unwrap(model).sharded_state_dict()
-        model_state.update(state[key])
+    """The model state of `checkpoint.model_sharded_state`, with the optimizer's next to it."""
+    state = model_sharded_state(models)
     if optimizer is not None:
+        model_state = {key: value for chunk_state in state.values() for key, value in chunk_state.items()}
         state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading)
     return state
 
@@ -89,27 +84,24 @@ class CheckpointManager:
         steps = self.steps()
         return self.root / f"step_{steps[-1]}" if steps else None
 
-    def save(
-        self,
-        step: int,
-        models: list[torch.nn.Module],
-        optimizer: Any | None = None,
-        scheduler: Any | None = None,
-        meta: dict[str, Any] | None = None,
-    ) -> Path:
-        """Collective: every rank calls it. Returns the final folder."""
+    def save(self, step: int, trainables: Mapping[str, Any], meta: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank calls it. `trainables` maps a name to an object with `models`, `optimizer` and
+        `scheduler` (e.g. `{"policy": ..., "discriminator": ...}`); each gets its own dist-checkpoint subfolder, so
+        two models with the same parameter names never collide. Returns the final folder."""
         final = self.root / f"step_{step}"
         tmp = self.root / f".tmp-step_{step}"
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            for name in trainables:
+                (tmp / name).mkdir(parents=True)
         _barrier()
-        dist_checkpointing.save(_sharded_state(models, optimizer, is_loading=False), str(tmp))
+        for name, trainable in trainables.items():
+            state = _sharded_state(trainable.models, trainable.optimizer, is_loading=False)
+            dist_checkpointing.save(state, str(tmp / name))
         torch.save(_rng_state(), tmp / f"rng_rank{_rank()}.pt")
         if _rank() == 0:
-            record = {"step": step, "meta": meta or {}}
-            if scheduler is not None:
-                record["scheduler"] = scheduler.state_dict()
+            schedulers = {name: t.scheduler.state_dict() for name, t in trainables.items() if t.scheduler is not None}
+            record = {"step": step, "meta": meta or {}, "schedulers": schedulers}
             (tmp / "meta.json").write_text(json.dumps(record, indent=2))
         _barrier()
         if _rank() == 0:
@@ -120,23 +112,19 @@ class CheckpointManager:
         _barrier()
         return final
 
-    def load(
-        self,
-        path: str | Path,
-        models: list[torch.nn.Module],
-        optimizer: Any | None = None,
-        scheduler: Any | None = None,
-    ) -> dict[str, Any]:
-        """Restore models, optimizer, scheduler and this rank's RNG; returns `{"step": ..., "meta": ...}`."""
+    def load(self, path: str | Path, trainables: Mapping[str, Any]) -> dict[str, Any]:
+        """Restore every trainable's models, optimizer and schedule, and this rank's RNG; returns
+        `{"step": ..., "meta": ...}`."""
         path = Path(path)
-        loaded = dist_checkpointing.load(_sharded_state(models, optimizer, is_loading=True), str(path))
-        for index, model in enumerate(models):
-            _unwrap(model).load_state_dict(loaded["model" if len(models) == 1 else f"model{index}"])
-        if optimizer is not None:
-            optimizer.load_state_dict(loaded["optimizer"])
         record = json.loads((path / "meta.json").read_text())
-        if scheduler is not None and "scheduler" in record:
-            scheduler.load_state_dict(record["scheduler"])
+        for name, trainable in trainables.items():
+            state = _sharded_state(trainable.models, trainable.optimizer, is_loading=True)
+            loaded = dist_checkpointing.load(state, str(path / name))
+            load_model_state(trainable.models, loaded)
+            if trainable.optimizer is not None:
+                trainable.optimizer.load_state_dict(loaded["optimizer"])
+            if trainable.scheduler is not None:
+                trainable.scheduler.load_state_dict(record["schedulers"][name])
         rng_file = path / f"rng_rank{_rank()}.pt"
         if rng_file.exists():  # absent when resuming on a different world size: keep the fresh seeds
             _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -52,6 +52,8 @@ def wrap_ddp(models: list[torch.nn.Module], use_distributed_optimizer: bool) -> 
     )
     config = get_model_config(models[0])
     config.calculate_per_token_loss = True
+    # Packed micro-batches differ in length: pipeline stages exchange tensor shapes before each activation.
+    config.variable_seq_lengths = True
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=model, disable_bucketing=index > 0)
         for index, model in enumerate(models)
@@ -164,6 +166,14 @@ def train_step(
     )
 
 
+def forward_metrics(
+    models: list[torch.nn.Module], forward_step: ForwardStep, microbatches: list[Any]
+) -> dict[str, float]:
+    """The metrics of a forward pass without gradients (a validation loss, a held-out accuracy), reduced as in
+    `train_step`."""
+    return _reduce_metrics(forward_only(models, forward_step, microbatches, seq_length=0, micro_batch_size=1))
+
+
 def forward_only(
     models: list[torch.nn.Module],
     forward_step: ForwardStep,
@@ -171,7 +181,8 @@ def forward_only(
     seq_length: int,
     micro_batch_size: int,
 ) -> list[Any]:
-    """Run the schedule without gradients (log-prob recomputation, scoring, validation loss)."""
+    """Run the schedule without gradients (scoring, validation); returns each micro-batch's metrics dict (on the
+    last pipeline stage; an empty list on the others)."""
     with torch.no_grad():
         return get_forward_backward_func()(
             forward_step_func=forward_step,

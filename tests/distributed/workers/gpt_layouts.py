@@ -8,6 +8,7 @@ With `--resume-dir`, the run saves a resumable checkpoint at `--save-at` and, wi
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 
 from prism_mcore.config.schema import OptimConfig, ParallelConfig
 from prism_mcore.runtime import init_distributed, shutdown
@@ -46,10 +47,10 @@ def main() -> None:
         total_steps=args.steps, use_distributed_optimizer=False, bf16=False,
     )  # fmt: skip
     manager = CheckpointManager(args.resume_dir, keep_last=2) if args.resume_dir else None
+    trainables = {"gpt": SimpleNamespace(models=models, optimizer=optimizer, scheduler=scheduler)}
     start = 0
     if args.resume:
-        record = manager.load(manager.latest(), models, optimizer, scheduler)
-        start = record["step"]
+        start = manager.load(manager.latest(), trainables)["step"]
 
     dp_rank = parallel_state.get_data_parallel_rank()
     losses, grad_norms, lrs = {}, {}, {}
@@ -58,7 +59,7 @@ def main() -> None:
         result = train_step(models, optimizer, scheduler, forward_step, batches, SEQ, MICRO_BATCH)
         losses[step + 1], grad_norms[step + 1], lrs[step + 1] = result.metrics["loss"], result.grad_norm, result.lr
         if manager is not None and step + 1 == args.save_at:
-            manager.save(step + 1, models, optimizer, scheduler, meta={"data_position": step + 1})
+            manager.save(step + 1, trainables, meta={"state": {"data_position": step + 1}})
     write_rank_result(args.out, {"losses": losses, "grad_norms": grad_norms, "lrs": lrs, "dp": env.dp})
     shutdown()
 

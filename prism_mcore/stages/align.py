@@ -1,0 +1,202 @@
+"""Stage 2, PRISM alignment: a black-box, response-level adversarial game against a Qwen3-VL-MoE discriminator
+(PRISM_SPEC §3, §4).
+
+Every step, in the reference's order (§3.2):
+1. rollout: `rollout.n` responses to each of `align.prompts_per_step` prompts, segmented into caption and CoT;
+2. D scores each response's caption and CoT (eval mode; the image and the prompt in context, real MRoPE positions,
+   the score read at the segment's last token, clipped to ±10, invalid formats scored 0);
+3. the alignment advantage from these pre-update scores: invalid samples take their group's valid minimum − 1,
+   caption and CoT scores are group-normalised, weighted 0.5/0.5, and invalid formats pay 1.5 (released mode);
+4. one D step: pairwise Bradley-Terry (teacher vs student, caption and CoT) + 0.001 · L2, no router aux loss;
+5. one policy step: PPO clip 0.2, dual clip 3, token-mean, no KL;
+6. weight sync to the rollout engine.
+No teacher logits are needed: the teacher enters only through its demonstrations, which D compares against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+
+import torch
+
+from prism_mcore.algorithms import (
+    AlignmentAdvantageConfig,
+    DiscriminatorLossConfig,
+    alignment_advantage,
+    group_ids_from_uids,
+    sanitize_scores,
+)
+from prism_mcore.config.schema import Config
+from prism_mcore.data.batching import pack_sequences
+from prism_mcore.record import Sample
+from prism_mcore.rollout import SamplingParams
+from prism_mcore.stages.common import (
+    DISCRIMINATOR_HF,
+    POLICY_HF,
+    RunContext,
+    batch_for_step,
+    dp_share,
+    evaluate_splits,
+    finish_stage,
+    input_checkpoint,
+    load_prompts,
+    log,
+    make_engine,
+    make_trainable,
+    policy_loss_config,
+    policy_microbatches,
+    rollout,
+    rollout_metrics,
+    run_steps,
+    score_segments,
+    setup,
+    sync_weights,
+)
+from prism_mcore.training.forward import DiscriminatorBatch
+from prism_mcore.training.resume import read_stage_done
+
+STAGE = "align"
+
+
+def discriminator_microbatches(ctx: RunContext, samples: list[Sample]) -> list[DiscriminatorBatch]:
+    """This rank's samples (whole prompt groups per rank) as D micro-batches of at most the token budget.
+
+    Samples are taken in group order, so the samples of a prompt mostly share a micro-batch and its teacher segments
+    are packed (and scored) once per micro-batch rather than once per sample.
+    """
+    groups: OrderedDict[str, list[Sample]] = OrderedDict()
+    for sample in samples:
+        groups.setdefault(sample.uid, []).append(sample)
+    mine = [sample for group in dp_share(ctx, list(groups.values())) for sample in group]
+    num_valid = sum(sample.format_valid for sample in samples)
+    budget = ctx.config.data.max_tokens_per_microbatch
+    teachers = {sample.uid: ctx.builder.teacher_segments(sample) for sample in mine}
+    batches, current, cost, prompts = [], [], 0, {}
+
+    def flush() -> None:
+        students = [ctx.builder.student_segments(sample) for sample in current]
+        teacher_pairs = [teachers[uid] for uid in prompts]
+        sequences = [c for c, _ in students] + [t for _, t in students]
+        sequences += [c for c, _ in teacher_pairs] + [t for _, t in teacher_pairs]
+        batches.append(
+            DiscriminatorBatch(
+                packed=pack_sequences(sequences),
+                valid=torch.tensor([sample.format_valid for sample in current]),
+                teacher_index=torch.tensor([prompts[sample.uid] for sample in current]),
+                num_prompts=len(prompts),
+                num_valid_global=num_valid,
+            )
+        )
+
+    for sample in mine:
+        caption, cot = ctx.builder.student_segments(sample)
+        teacher_cost = sum(len(segment) for segment in teachers[sample.uid])
+        sample_cost = len(caption) + len(cot) + (0 if sample.uid in prompts else teacher_cost)
+        if current and cost + sample_cost > budget:
+            flush()
+            current, cost, prompts = [], 0, {}
+            sample_cost = len(caption) + len(cot) + teacher_cost
+        if sample_cost > budget:
+            raise ValueError(
+                f"one sample's 4 segments take {sample_cost} tokens, over max_tokens_per_microbatch={budget}"
+            )
+        prompts.setdefault(sample.uid, len(prompts))
+        current.append(sample)
+        cost += sample_cost
+    if current:
+        flush()
+    return batches
+
+
+def score_rollouts(ctx: RunContext, discriminator, samples: list[Sample], score_clip: float) -> None:
+    """Fill `caption_score`/`cot_score` with D's clipped scores; 0 for invalid formats (PRISM_SPEC §2.4, §1)."""
+    segments = [segment for sample in samples for segment in ctx.builder.student_segments(sample)]
+    scores = sanitize_scores(score_segments(ctx, discriminator, segments), clip=score_clip).view(-1, 2)
+    for sample, (caption, cot) in zip(samples, scores.tolist(), strict=True):
+        sample.caption_score, sample.cot_score = (caption, cot) if sample.format_valid else (0.0, 0.0)
+
+
+def run(config: Config) -> None:
+    ctx = setup(config)
+    if read_stage_done(ctx.run_dir, STAGE):
+        log.info("align: already done, skipped")
+        return
+    from prism_mcore.models import build_discriminator, build_policy, save_hf
+    from prism_mcore.training.forward import discriminator_forward, policy_forward
+    from prism_mcore.training.step import train_step
+
+    cfg = config.align
+    prompts = load_prompts(ctx, config.data.align_path, "align", require_teacher=True)
+    policy_path = input_checkpoint(ctx, STAGE, POLICY_HF)
+    policy = make_trainable(ctx, build_policy(config.model, config.parallel, path=policy_path), cfg.policy_optim,
+                            cfg.steps)  # fmt: skip
+    discriminator = make_trainable(
+        ctx,
+        build_discriminator(
+            config.model, config.parallel, path=input_checkpoint(ctx, STAGE, DISCRIMINATOR_HF), seed=config.run.seed
+        ),  # fmt: skip
+        cfg.discriminator_optim,
+        cfg.steps,
+    )
+    engine = make_engine(ctx, policy_path)
+    advantage_config = AlignmentAdvantageConfig(
+        mode=cfg.advantage_mode,
+        caption_weight=cfg.caption_weight,
+        cot_weight=cfg.cot_weight,
+        format_penalty=cfg.format_penalty,
+    )
+    d_loss_step = discriminator_forward(DiscriminatorLossConfig(score_clip=cfg.score_clip,
+                                                                score_reg_coef=cfg.score_reg_coef))  # fmt: skip
+    policy_step = policy_forward(
+        policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature
+    )
+
+    def step_fn(step: int) -> dict[str, float]:
+        params = dataclasses.replace(
+            SamplingParams.from_config(config.rollout, seed=config.run.seed + step), max_new_tokens=cfg.max_new_tokens
+        )
+        samples = rollout(ctx, engine, batch_for_step(prompts, step, cfg.prompts_per_step, config.run.seed), params)
+        score_rollouts(ctx, discriminator, samples, cfg.score_clip)
+        advantages = alignment_advantage(
+            torch.tensor([s.caption_score for s in samples]),
+            torch.tensor([s.cot_score for s in samples]),
+            torch.tensor([s.format_valid for s in samples]),
+            group_ids_from_uids([s.uid for s in samples]),
+            accuracy=torch.tensor([s.accuracy for s in samples]),
+            format_reward=torch.tensor([s.format_reward for s in samples]),
+            config=advantage_config,
+        )
+        for sample, advantage in zip(samples, advantages.tolist(), strict=True):
+            sample.advantage = advantage
+        d_result = train_step(discriminator.models, discriminator.optimizer, discriminator.scheduler, d_loss_step,
+                              discriminator_microbatches(ctx, samples), seq_length=0, micro_batch_size=1)  # fmt: skip
+        p_result = train_step(policy.models, policy.optimizer, policy.scheduler, policy_step,
+                              policy_microbatches(ctx, samples), seq_length=0, micro_batch_size=1)  # fmt: skip
+        sync_weights(ctx, policy.handle, engine, version=step + 1)
+        caption = torch.tensor([s.caption_score for s in samples if s.format_valid] or [0.0])
+        cot = torch.tensor([s.cot_score for s in samples if s.format_valid] or [0.0])
+        return {
+            **rollout_metrics(samples),
+            "reward/caption_score_mean": caption.mean().item(),
+            "reward/caption_score_std": caption.std(correction=0).item(),
+            "reward/cot_score_mean": cot.mean().item(),
+            "reward/cot_score_std": cot.std(correction=0).item(),
+            "reward/format_scores_mean": sum(s.format_valid for s in samples) / len(samples),
+            "advantage_mean": advantages.mean().item(),
+            **{f"critic/{k}": v for k, v in d_result.metrics.items()},
+            "critic/grad_norm": d_result.grad_norm,
+            "critic/lr": d_result.lr,
+            **{f"actor/{k}": v for k, v in p_result.metrics.items()},
+            "actor/grad_norm": p_result.grad_norm,
+            "actor/lr": p_result.lr,
+        }
+
+    run_steps(ctx, STAGE, {"policy": policy, "discriminator": discriminator}, cfg.steps, cfg.save_every, step_fn,
+              log_keys=("reward/caption_score_mean", "reward/cot_score_mean", "reward/format_valid_ratio",
+                        "critic/d_acc", "critic/d_loss", "actor/pg_loss"),
+              on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step))  # fmt: skip
+    record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine)}
+    record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
+    record[DISCRIMINATOR_HF] = str(save_hf(discriminator.handle, ctx.stage_dir("hf", "align_discriminator")))
+    finish_stage(ctx, STAGE, record)

@@ -1,0 +1,423 @@
+"""What every stage shares: the run context (distributed runtime, resolved paths, tokenizer, sample builder,
+logging), which checkpoint a stage starts from, rollouts on rank 0 shared with every rank, weight sync, evaluation,
+and trainable models (DDP + optimizer + schedule).
+
+Stages hand over through HF checkpoints: a finished stage exports its model to `<run_dir>/hf/<stage>` and records
+it in `<run_dir>/stages/<stage>.done`; the next stage starts from the latest such export (or from `model.*_path`
+when none), so a restarted pipeline skips finished stages and a stage can also be run on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from prism_mcore.algorithms import PolicyLossConfig, policy_loss_preset
+from prism_mcore.config import save_config
+from prism_mcore.config.schema import STAGES, Config, OptimConfig, PolicyLossSettings
+from prism_mcore.data.errors import DataStats, checked
+from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
+from prism_mcore.data.readers import open_prompts
+from prism_mcore.data.samples import LengthLimits, SampleBuilder
+from prism_mcore.record import Sample
+from prism_mcore.rewards import ResponseSegmenter, reward_batch
+from prism_mcore.rollout import RolloutEngine, SamplingParams, build_rollout_engine
+from prism_mcore.runtime import DistEnv, init_distributed
+from prism_mcore.training.metrics import MetricsLogger, get_logger, progress
+from prism_mcore.training.resume import mark_stage_done, read_stage_done
+
+log = get_logger()
+
+# Which artefact each stage hands over, under which key of its `.done` record.
+POLICY_HF, DISCRIMINATOR_HF = "policy_hf", "discriminator_hf"
+
+
+@dataclass
+class RunContext:
+    """Built once per process and shared by the stages it runs."""
+
+    config: Config
+    env: DistEnv
+    run_dir: Path
+    tokenizer: Any
+    builder: SampleBuilder
+    segmenter: ResponseSegmenter
+    metrics: MetricsLogger
+    data_stats: dict[str, DataStats] = field(default_factory=dict)
+    eval_prompts: dict[str, list[Sample]] = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+    def stage_dir(self, kind: str, stage: str) -> Path:
+        return self.run_dir / kind / stage
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+_CONTEXT: RunContext | None = None
+
+
+def quiet_libraries() -> None:
+    """Keep the console to our progress and metrics: Megatron logs every parameter and optimizer field at INFO,
+    transformers draws a progress bar per checkpoint load."""
+    import logging
+
+    import transformers
+
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_warning()
+
+
+def resolve_embedded_paths(config: Config) -> Config:
+    """Fill every empty model/data path with the embedded default's (built on first use, offline)."""
+    paths = {**dataclasses.asdict(config.model), **dataclasses.asdict(config.data)}
+    names = [name for name in paths if name.endswith("_path") and not paths[name]]
+    if not names:
+        return config
+    from prism_mcore.data.embedded import ensure_embedded
+
+    assets = ensure_embedded()
+    for section in (config.model, config.data):
+        for name in names:
+            if hasattr(section, name) and hasattr(assets, name):
+                setattr(section, name, str(getattr(assets, name)))
+    return config
+
+
+def setup(config: Config) -> RunContext:
+    """The run context: process groups, resolved paths, tokenizer and sample builder (once per process)."""
+    global _CONTEXT
+    if _CONTEXT is not None and _CONTEXT.config is config:
+        return _CONTEXT
+    quiet_libraries()
+    env = init_distributed(config.parallel, seed=config.run.seed)
+    resolve_embedded_paths(config)
+    run_dir = Path(config.run.output_dir)
+    if env.rank == 0:
+        save_config(config, run_dir / "config.json")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.policy_path, local_files_only=True)
+    images = build_image_processor(
+        load_image_processor(config.model.policy_path), ImageConfig(backend=config.data.image_backend)
+    )
+    limits = LengthLimits(
+        max_prompt_length=config.data.max_prompt_length,
+        max_response_length=config.data.max_response_length,
+        max_sequence_length=config.sft.max_length,
+        over_length=config.data.over_length,
+    )
+    builder = SampleBuilder(tokenizer, images, limits)
+    segmenter = ResponseSegmenter(tokenizer, eos_token_ids=[builder.eos_id, builder.pad_id])
+    _CONTEXT = RunContext(
+        config=config,
+        env=env,
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        builder=builder,
+        segmenter=segmenter,
+        metrics=MetricsLogger(run_dir, tensorboard=config.run.tensorboard),
+    )
+    log.info("run %s: world %d (tp %d, pp %d, ep %d, dp %d) on %s", run_dir, env.world_size, env.tp, env.pp, env.ep,
+             env.dp, env.device)  # fmt: skip
+    return _CONTEXT
+
+
+def input_checkpoint(ctx: RunContext, stage: str, key: str) -> str:
+    """The HF checkpoint `stage` starts from: the latest earlier stage's export of `key`, else the configured one."""
+    for earlier in reversed(STAGES[: STAGES.index(stage)]):
+        record = read_stage_done(ctx.run_dir, earlier)
+        if record and key in record:
+            return record[key]
+    return ctx.config.model.policy_path if key == POLICY_HF else ctx.config.model.discriminator_path
+
+
+def finish_stage(ctx: RunContext, stage: str, record: dict[str, Any]) -> None:
+    mark_stage_done(ctx.run_dir, stage, record)
+    update_summary(ctx, stage, record)
+    ctx.barrier()
+
+
+def update_summary(ctx: RunContext, stage: str, record: dict[str, Any]) -> None:
+    """Merge a stage's results into `<run_dir>/summary.json` (rank 0, atomic)."""
+    if not ctx.is_main:
+        return
+    path = ctx.run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    summary["stages"][stage] = record
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(path)
+
+
+def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -> list[Sample]:
+    """Alignment/RL/evaluation prompts as `Sample`s, validated under `data.on_error` (counts kept per file)."""
+    stats = DataStats()
+    reader = open_prompts(path, require_teacher=require_teacher)
+    builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, stats)
+    prompts = list(checked(range(len(reader)), lambda i: builder.prompt_sample(reader[i]),
+                           ctx.config.data.on_error, stats))  # fmt: skip
+    ctx.data_stats[name] = stats
+    log.info("%s prompts (%s): %s", name, path, stats.summary())
+    if not prompts:
+        raise ValueError(f"{path}: no usable prompt ({stats.summary()})")
+    return prompts
+
+
+def broadcast_samples(ctx: RunContext, samples: list[Sample] | None) -> list[Sample]:
+    """Rank 0's samples on every rank (rollouts run once, on rank 0, and every rank trains on them)."""
+    if ctx.env.world_size == 1:
+        return samples
+    holder = [samples]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def rollout(
+    ctx: RunContext, engine: RolloutEngine | None, prompts: list[Sample], params: SamplingParams
+) -> list[Sample]:
+    """Generate on rank 0, segment the responses (caption/CoT bounds, format validity), score them with the
+    verifiable reward (logged in alignment, the reward in RLVR), and share them with every rank."""
+    samples = None
+    if ctx.is_main:
+        samples = engine.generate(prompts, params)
+        ctx.segmenter.segment_samples(samples)
+        reward_batch(samples)
+    return broadcast_samples(ctx, samples)
+
+
+def sync_weights(ctx: RunContext, policy: Any, engine: RolloutEngine | None, version: int) -> None:
+    """Stream the policy's HF weights to the rollout engine; the export is collective, every rank drains it."""
+    from prism_mcore.models import iter_hf_weights
+
+    stream = iter_hf_weights(policy)
+    if ctx.is_main:
+        engine.update_weights(stream, version)
+    else:
+        for _ in stream:
+            pass
+
+
+def make_engine(ctx: RunContext, policy_path: str, weight_version: int = 0) -> RolloutEngine | None:
+    """The rollout engine (rank 0 only: it generates for everyone)."""
+    if not ctx.is_main:
+        return None
+    device = ctx.env.device if ctx.env.device.type == "cuda" else "cpu"
+    return build_rollout_engine(ctx.config.rollout, policy_path, run_dir=ctx.run_dir, device=device,
+                                weight_version=weight_version)  # fmt: skip
+
+
+def evaluate(ctx: RunContext, engine: RolloutEngine | None, prompts: list[Sample], split: str) -> dict[str, float]:
+    """Greedy accuracy and format-valid rate with the verifiable reward (rank 0 generates; shared with all)."""
+    result = None
+    if ctx.is_main:
+        start = time.time()
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ctx.config.rollout.max_new_tokens)
+        samples = []
+        batch = max(ctx.config.rollout.local_max_batch_size, 1)
+        for first in progress(range(0, len(prompts), batch), desc=f"eval {split}", total=-(-len(prompts) // batch)):
+            samples += engine.generate(prompts[first : first + batch], params)
+        ctx.segmenter.segment_samples(samples)
+        reward_batch(samples)
+        result = {
+            "accuracy": sum(s.accuracy for s in samples) / len(samples),
+            "format_valid": sum(s.format_valid for s in samples) / len(samples),
+            "reward": sum(s.reward for s in samples) / len(samples),
+            "num_prompts": len(samples),
+        }
+        log.info("eval %s: accuracy %.3f, format-valid %.3f (%d prompts, %.1fs)", split, result["accuracy"],
+                 result["format_valid"], len(samples), time.time() - start)  # fmt: skip
+    holder = [result]
+    if ctx.env.world_size > 1:
+        dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def evaluate_splits(ctx: RunContext, engine: RolloutEngine | None) -> dict[str, dict[str, float]]:
+    results = {}
+    for split, path in (("val", ctx.config.data.val_path), ("test", ctx.config.data.test_path)):
+        if split not in ctx.eval_prompts:
+            prompts = load_prompts(ctx, path, split, require_teacher=False)
+            ctx.eval_prompts[split] = prompts[: ctx.config.data.max_eval_prompts or None]
+        results[split] = evaluate(ctx, engine, ctx.eval_prompts[split], split)
+    return results
+
+
+def dp_share(ctx: RunContext, items: list) -> list:
+    """This data-parallel rank's share of a batch that every rank holds."""
+    return items[ctx.env.dp_rank :: ctx.env.dp]
+
+
+def score_segments(ctx: RunContext, discriminator: Trainable, segments: list) -> torch.Tensor:
+    """D's scores (eval mode, no gradients) of `TokenSequence` segments, in order, on every rank.
+
+    Each data-parallel rank scores its share in token-budget micro-batches; shares are gathered afterwards.
+    """
+    from prism_mcore.data.batching import pack_sequences, token_budget_batches
+    from prism_mcore.runtime import broadcast_from_last_stage, gather_data_parallel
+    from prism_mcore.training.forward import score_forward
+    from prism_mcore.training.step import forward_only
+
+    indices = dp_share(ctx, list(range(len(segments))))
+    groups = token_budget_batches([len(segments[i]) for i in indices], ctx.config.data.max_tokens_per_microbatch)
+    groups = [[indices[i] for i in group] for group in groups]
+    discriminator.handle.eval()
+    outputs = forward_only(discriminator.models, score_forward, [pack_sequences([segments[i] for i in g]) for g in groups],
+                           seq_length=0, micro_batch_size=1)  # fmt: skip
+    discriminator.handle.train()
+    mine = broadcast_from_last_stage(
+        [(g, out["scores"]) for g, out in zip(groups, outputs, strict=True)] if outputs else None
+    )
+    scores = torch.zeros(len(segments))
+    for share in gather_data_parallel(mine) if ctx.env.dp > 1 else [mine]:
+        for group, values in share:
+            scores[group] = values.float()
+    return scores
+
+
+@dataclass
+class Trainable:
+    """A model being trained: its Megatron handle, DDP-wrapped chunks, optimizer and LR schedule."""
+
+    handle: Any
+    models: list[torch.nn.Module]
+    optimizer: Any
+    scheduler: Any
+
+
+def make_trainable(ctx: RunContext, handle: Any, optim: OptimConfig, total_steps: int) -> Trainable:
+    from prism_mcore.training.step import build_optimizer, wrap_ddp
+
+    distributed_optimizer = ctx.config.parallel.distributed_optimizer and torch.cuda.is_available()
+    models = wrap_ddp(handle.chunks, use_distributed_optimizer=distributed_optimizer)
+    optimizer, scheduler = build_optimizer(models, optim, total_steps, distributed_optimizer,
+                                           bf16=bool(getattr(handle.config, "bf16", False)))  # fmt: skip
+    return Trainable(handle=handle, models=models, optimizer=optimizer, scheduler=scheduler)
+
+
+def prompt_order(num_prompts: int, seed: int, epoch: int) -> list[int]:
+    """A deterministic shuffle of prompt indices per epoch: the data position is then just the step number."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(num_prompts, generator=generator).tolist()
+
+
+def batch_for_step(items: list, step: int, per_step: int, seed: int) -> list:
+    """The items of step `step` (0-based): consecutive slices of per-epoch shuffles, wrapping around epochs.
+
+    A pure function of the step, so resuming at a step needs no saved data-loader state.
+    """
+    chosen = []
+    position = step * per_step
+    while len(chosen) < per_step:
+        epoch, offset = divmod(position, len(items))
+        order = prompt_order(len(items), seed, epoch)
+        take = min(per_step - len(chosen), len(items) - offset)
+        chosen += [items[i] for i in order[offset : offset + take]]
+        position += take
+    return chosen
+
+
+def run_steps(
+    ctx: RunContext,
+    stage: str,
+    trainables: dict[str, Trainable],
+    total_steps: int,
+    save_every: int,
+    step_fn: Callable[[int], dict[str, float]],
+    log_keys: tuple[str, ...] = (),
+    state: dict[str, Any] | None = None,
+    on_resume: Callable[[int], None] | None = None,
+) -> int:
+    """The resumable step loop every stage shares: restore the latest checkpoint, run `step_fn(step)` for the
+    remaining steps with progress and metrics, save every `save_every` steps and at the end. Returns steps run.
+
+    `state` is the stage's own small JSON-able state beyond the step (e.g. how many generation batches dynamic
+    sampling consumed): saved with each checkpoint and restored in place; `on_resume(step)` runs after a restore.
+    """
+    from prism_mcore.training.resume import CheckpointManager
+
+    state = {} if state is None else state
+    manager = CheckpointManager(ctx.stage_dir("checkpoints", stage), keep_last=ctx.config.run.keep_last)
+    start = 0
+    latest = manager.latest()
+    if latest is None:
+        ctx.metrics.truncate(stage, 0)  # a stage killed before its first checkpoint starts over
+    else:
+        record = manager.load(latest, trainables)
+        start = record["step"]
+        state.update(record["meta"].get("state", {}))
+        ctx.metrics.truncate(stage, start)
+        log.info("%s: resumed from %s (step %d of %d)", stage, latest, start, total_steps)
+        if on_resume is not None:
+            on_resume(start)
+    for step in progress(range(start, total_steps), desc=stage, total=total_steps - start):
+        began = time.time()
+        metrics = step_fn(step)
+        metrics["step_time_s"] = time.time() - began
+        ctx.metrics.log(stage, step + 1, metrics)
+        if (step + 1) % ctx.config.run.log_every == 0 or step + 1 == total_steps:
+            shown = ", ".join(f"{key} {metrics[key]:.4g}" for key in log_keys if key in metrics)
+            log.info("%s step %d/%d: %s (%.2fs)", stage, step + 1, total_steps, shown, metrics["step_time_s"])
+        if (save_every and (step + 1) % save_every == 0) or step + 1 == total_steps:
+            manager.save(step + 1, trainables, meta={"state": state})
+    return total_steps - start
+
+
+def policy_loss_config(settings: PolicyLossSettings, tis_cap: float) -> PolicyLossConfig:
+    """The algorithms' loss config: the named preset with the fields the run changed (and TIS when enabled)."""
+    overrides: dict[str, Any] = {
+        name: getattr(settings, name)
+        for name in ("clip_low", "clip_high", "aggregation")
+        if getattr(settings, name) is not None
+    }
+    if settings.dual_clip is not None:
+        overrides["dual_clip"] = settings.dual_clip or None
+    if tis_cap > 0:
+        overrides["tis_cap"] = tis_cap
+    return policy_loss_preset(settings.preset, **overrides)
+
+
+def policy_microbatches(ctx: RunContext, samples: list[Sample]) -> list:
+    """This rank's rollouts as packed policy micro-batches with advantages and rollout log-probs."""
+    from prism_mcore.data.batching import pack_sequences, token_budget_batches
+    from prism_mcore.training.forward import token_batch
+
+    mine = dp_share(ctx, samples)
+    sequences = [ctx.builder.policy_sequence(sample) for sample in mine]
+    groups = token_budget_batches([len(s) for s in sequences], ctx.config.data.max_tokens_per_microbatch)
+    return [
+        token_batch(
+            pack_sequences([sequences[i] for i in group]),
+            advantages=[mine[i].advantage for i in group],
+            rollout_logprobs=[mine[i].rollout_logprobs for i in group],
+        )
+        for group in groups
+    ]
+
+
+def rollout_metrics(samples: list[Sample]) -> dict[str, float]:
+    """Response statistics logged by both RL stages (PRISM_SPEC §8.9)."""
+    lengths = torch.tensor([float(s.response_length) for s in samples])
+    accuracy = torch.tensor([s.accuracy for s in samples])
+    return {
+        "response_length_mean": lengths.mean().item(),
+        "response_length_max": lengths.max().item(),
+        "clip_ratio": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "reward/format_valid_ratio": sum(s.format_valid for s in samples) / len(samples),
+        "reward/acc_reward/mean": accuracy.mean().item(),
+        "reward/acc_reward/max": accuracy.max().item(),
+        "reward/acc_reward/min": accuracy.min().item(),
+        "reward/format_reward/mean": sum(s.format_reward for s in samples) / len(samples),
+    }

@@ -1,0 +1,122 @@
+"""Stage 3, RLVR: reinforcement learning with the rule-based verifiable reward (PRISM_SPEC §5, §6).
+
+Every step: sample `rollout.n` responses to each of `rlvr.prompts_per_step` prompts, score them with
+R = 0.8 · accuracy + 0.2 · format (0 for an invalid format), optionally shape R with DAPO's overlong penalty, take the
+GRPO advantage (R − group mean) / (group std + 1e-6), make one policy step, and sync the weights to the rollout
+engine. GRPO, DAPO and GSPO differ only in the policy-loss preset (`rlvr.policy_loss.preset`) and, for DAPO, in
+dynamic sampling: generation batches of `generation_prompts_per_step` prompts are drawn until
+`prompts_per_step` groups whose accuracies are not all equal are collected (at most `max_generation_batches`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from prism_mcore.algorithms import collect_informative_groups, group_ids_from_uids, grpo_advantage, overlong_penalty
+from prism_mcore.config.schema import Config
+from prism_mcore.record import Sample
+from prism_mcore.rollout import SamplingParams
+from prism_mcore.stages.common import (
+    POLICY_HF,
+    batch_for_step,
+    evaluate_splits,
+    finish_stage,
+    input_checkpoint,
+    load_prompts,
+    log,
+    make_engine,
+    make_trainable,
+    policy_loss_config,
+    policy_microbatches,
+    rollout,
+    rollout_metrics,
+    run_steps,
+    setup,
+    sync_weights,
+)
+from prism_mcore.training.resume import read_stage_done
+
+STAGE = "rlvr"
+
+
+def group_by_prompt(samples: list[Sample]) -> list[list[Sample]]:
+    groups: dict[str, list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault(sample.uid, []).append(sample)
+    return list(groups.values())
+
+
+def run(config: Config) -> None:
+    ctx = setup(config)
+    if read_stage_done(ctx.run_dir, STAGE):
+        log.info("rlvr: already done, skipped")
+        return
+    from prism_mcore.models import build_policy, save_hf
+    from prism_mcore.training.forward import policy_forward
+    from prism_mcore.training.step import train_step
+
+    cfg = config.rlvr
+    prompts = load_prompts(ctx, config.data.rl_path, "rlvr", require_teacher=False)
+    policy_path = input_checkpoint(ctx, STAGE, POLICY_HF)
+    policy = make_trainable(ctx, build_policy(config.model, config.parallel, path=policy_path), cfg.optim, cfg.steps)
+    engine = make_engine(ctx, policy_path)
+    policy_step = policy_forward(
+        policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature
+    )
+    # Dynamic sampling consumes a varying number of prompt batches per step: its position is resumable state.
+    state = {"generation_batches": 0}
+
+    def generate(step: int, prompt_batch: int, batch_size: int) -> list[Sample]:
+        params = dataclasses.replace(
+            SamplingParams.from_config(config.rollout, seed=config.run.seed + 7919 * step + prompt_batch),
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        return rollout(ctx, engine, batch_for_step(prompts, prompt_batch, batch_size, config.run.seed), params)
+
+    def step_samples(step: int) -> tuple[list[Sample], dict[str, float]]:
+        if not cfg.dynamic_sampling:
+            return generate(step, step, cfg.prompts_per_step), {}
+
+        def next_generation_batch() -> list[list[Sample]]:
+            state["generation_batches"] += 1
+            return group_by_prompt(generate(step, state["generation_batches"] - 1, cfg.generation_prompts_per_step))
+
+        result = collect_informative_groups(next_generation_batch, lambda s: s.accuracy, cfg.prompts_per_step,
+                                            max_generation_batches=cfg.max_generation_batches)  # fmt: skip
+        kept = [sample for group in result.groups for sample in group]
+        return kept, {"dynamic_sampling/generation_batches": result.num_generation_batches,
+                      "dynamic_sampling/kept_ratio": len(result.groups) / result.num_generated_groups}  # fmt: skip
+
+    def step_fn(step: int) -> dict[str, float]:
+        samples, sampling_metrics = step_samples(step)
+        rewards = torch.tensor([s.reward for s in samples])
+        if cfg.overlong_buffer > 0:
+            rewards = rewards + overlong_penalty(
+                torch.tensor([s.response_length for s in samples]),
+                max_response_length=cfg.max_new_tokens,
+                buffer_length=cfg.overlong_buffer,
+                penalty_factor=cfg.overlong_penalty_factor,
+            )
+        advantages = grpo_advantage(rewards, group_ids_from_uids([s.uid for s in samples]))
+        for sample, reward, advantage in zip(samples, rewards.tolist(), advantages.tolist(), strict=True):
+            sample.reward, sample.advantage = reward, advantage
+        result = train_step(policy.models, policy.optimizer, policy.scheduler, policy_step,
+                            policy_microbatches(ctx, samples), seq_length=0, micro_batch_size=1)  # fmt: skip
+        sync_weights(ctx, policy.handle, engine, version=step + 1)
+        return {
+            **rollout_metrics(samples),
+            **sampling_metrics,
+            "reward/mean": rewards.mean().item(),
+            **{f"actor/{k}": v for k, v in result.metrics.items()},
+            "actor/grad_norm": result.grad_norm,
+            "actor/lr": result.lr,
+        }
+
+    run_steps(ctx, STAGE, {"policy": policy}, cfg.steps, cfg.save_every, step_fn,
+              log_keys=("reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio", "actor/pg_loss"),
+              state=state, on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step))  # fmt: skip
+    record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine)}
+    record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
+    finish_stage(ctx, STAGE, record)

@@ -1,0 +1,98 @@
+"""Stage 1, SFT: fine-tune the policy on multimodal demonstrations (PRISM_SPEC §7).
+
+Each step takes the next `global_batch_size` conversations (a per-epoch shuffle, so the data position is the step),
+gives each data-parallel rank its share, packs it into token-budget micro-batches and minimises the negative
+log-likelihood of the assistant tokens (a global token mean). A held-out slice gives the validation loss. At the end
+the policy is exported as an HF checkpoint, which the later stages and the rollout engines start from, and evaluated
+greedily on the validation and test prompts.
+
+Released setting: AdamW lr 1e-5, cosine with 10% warmup, one epoch, max length 8192.
+"""
+
+from __future__ import annotations
+
+import math
+
+from prism_mcore.config.schema import Config
+from prism_mcore.data.batching import pack_sequences, token_budget_batches
+from prism_mcore.data.errors import DataStats, checked
+from prism_mcore.data.readers import open_sft
+from prism_mcore.data.samples import SampleBuilder, TokenSequence
+from prism_mcore.stages.common import (
+    POLICY_HF,
+    RunContext,
+    batch_for_step,
+    evaluate_splits,
+    finish_stage,
+    input_checkpoint,
+    log,
+    make_engine,
+    make_trainable,
+    run_steps,
+    setup,
+)
+from prism_mcore.training.forward import TokenBatch, sft_forward, token_batch
+from prism_mcore.training.resume import read_stage_done
+
+STAGE = "sft"
+MAX_HELDOUT = 256
+
+
+def microbatches(ctx: RunContext, sequences: list[TokenSequence]) -> list[TokenBatch]:
+    """This rank's share of a global batch, packed into micro-batches of at most `max_tokens_per_microbatch`."""
+    mine = sequences[ctx.env.dp_rank :: ctx.env.dp]
+    groups = token_budget_batches([len(s) for s in mine], ctx.config.data.max_tokens_per_microbatch)
+    return [token_batch(pack_sequences([mine[i] for i in group])) for group in groups]
+
+
+def run(config: Config) -> None:
+    ctx = setup(config)
+    if read_stage_done(ctx.run_dir, STAGE):
+        log.info("sft: already done, skipped")
+        return
+    from prism_mcore.models import build_policy, save_hf
+    from prism_mcore.training.step import forward_metrics, train_step
+
+    cfg = config.sft
+    reader = open_sft(config.data.sft_path, config.data.sft_dataset or None)
+    stats = DataStats()
+    builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, stats)
+
+    def sequences(indices: list[int]) -> list[TokenSequence]:
+        return list(checked(indices, lambda i: builder.sft_sequence(reader[i]), config.data.on_error, stats))
+
+    heldout = min(MAX_HELDOUT, len(reader) // 50)
+    train_indices = list(range(len(reader) - heldout))
+    heldout_batches = microbatches(ctx, sequences(list(range(len(reader) - heldout, len(reader)))))
+    steps_per_epoch = math.ceil(len(train_indices) / cfg.global_batch_size)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    log.info("sft: %d conversations (%d held out), %d steps of %d", len(reader), heldout, total_steps,
+             cfg.global_batch_size)  # fmt: skip
+
+    policy = build_policy(config.model, config.parallel, path=input_checkpoint(ctx, STAGE, POLICY_HF))
+    trainable = make_trainable(ctx, policy, cfg.optim, total_steps)
+
+    def validation_loss() -> float:
+        policy.eval()
+        loss = forward_metrics(trainable.models, sft_forward, heldout_batches)["loss"]
+        policy.train()
+        return loss
+
+    def step_fn(step: int) -> dict[str, float]:
+        batch = sequences(batch_for_step(train_indices, step, cfg.global_batch_size, config.run.seed))
+        result = train_step(trainable.models, trainable.optimizer, trainable.scheduler, sft_forward,
+                            microbatches(ctx, batch), seq_length=0, micro_batch_size=1)  # fmt: skip
+        metrics = {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
+        if heldout_batches and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            metrics["val_loss"] = validation_loss()
+        return metrics
+
+    run_steps(ctx, STAGE, {"policy": trainable}, total_steps, cfg.save_every, step_fn,
+              log_keys=("loss", "val_loss", "grad_norm", "lr"))  # fmt: skip
+    record = {"steps": total_steps, "data": stats.summary()}
+    if heldout_batches:
+        record["val_loss"] = validation_loss()
+    export = save_hf(policy, ctx.stage_dir("hf", STAGE))
+    record[POLICY_HF] = str(export)
+    record["eval"] = evaluate_splits(ctx, make_engine(ctx, str(export)))
+    finish_stage(ctx, STAGE, record)

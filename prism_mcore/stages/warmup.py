@@ -1,0 +1,140 @@
+"""Discriminator warmup: teach the upcycled Qwen3-VL-MoE discriminator to tell teacher from student segments
+before the adversarial game starts (PRISM_SPEC §2.5).
+
+Pairs come from the pairwise warmup file (teacher vs student caption, teacher vs student CoT) and, with
+`warmup.self_play_pairs > 0`, from the SFT policy's own samples on alignment prompts set against those prompts'
+teacher demonstrations: the distribution the discriminator will actually face in stage 2. Each step minimises
+mean[-log σ(s_teacher − s_student)] + 0.01 · aux (the router load-balancing loss) over a batch of pairs; a held-out
+slice reports the pairwise accuracy mean(s_teacher > s_student) before and after training.
+
+Released setting: AdamW lr 1e-5, cosine with 10% warmup, 1 epoch, 128 pairs per step, images with long side <= 560.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from prism_mcore.config.schema import Config
+from prism_mcore.data.batching import pack_sequences, token_budget_batches
+from prism_mcore.data.errors import DataStats, checked
+from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
+from prism_mcore.data.readers import open_warmup
+from prism_mcore.data.samples import SampleBuilder, SegmentPair
+from prism_mcore.rollout import SamplingParams
+from prism_mcore.stages.common import (
+    DISCRIMINATOR_HF,
+    POLICY_HF,
+    RunContext,
+    batch_for_step,
+    dp_share,
+    finish_stage,
+    input_checkpoint,
+    load_prompts,
+    log,
+    make_engine,
+    make_trainable,
+    rollout,
+    run_steps,
+    setup,
+)
+from prism_mcore.training.resume import read_stage_done
+
+STAGE = "warmup"
+
+
+def file_pairs(ctx: RunContext, config: Config) -> tuple[list[SegmentPair], DataStats]:
+    """The comparisons of the warmup file, with its images bounded as in the reference (long side <= 560)."""
+    side = config.warmup.max_image_side
+    images = build_image_processor(
+        load_image_processor(config.model.policy_path),
+        ImageConfig(backend=config.data.image_backend, max_long_side=side, max_pixels=side * side),
+    )
+    stats = DataStats()
+    builder = SampleBuilder(ctx.tokenizer, images, ctx.builder.limits, stats)
+    reader = open_warmup(config.data.warmup_path)
+    examples = checked(range(len(reader)), lambda i: builder.warmup_pairs(reader[i]), config.data.on_error, stats)
+    return [pair for pairs in examples for pair in pairs], stats
+
+
+def self_play_pairs(ctx: RunContext, config: Config) -> list[SegmentPair]:
+    """The SFT policy's format-valid samples on alignment prompts, paired with the teacher's segments."""
+    prompts = load_prompts(ctx, config.data.align_path, "warmup self-play", require_teacher=True)
+    prompts = batch_for_step(prompts, 0, min(config.warmup.self_play_pairs, len(prompts)), config.run.seed)
+    engine = make_engine(ctx, input_checkpoint(ctx, STAGE, POLICY_HF))
+    params = dataclasses.replace(SamplingParams.from_config(config.rollout, seed=config.run.seed), n=1)
+    samples = rollout(ctx, engine, prompts, params)
+    pairs = []
+    for sample in samples:
+        if sample.format_valid:
+            student_caption, student_cot = ctx.builder.student_segments(sample)
+            teacher_caption, teacher_cot = ctx.builder.teacher_segments(sample)
+            pairs += [
+                SegmentPair("caption", teacher_caption, student_caption),
+                SegmentPair("cot", teacher_cot, student_cot),
+            ]
+    log.info("warmup: %d self-play pairs from %d samples (%d format-valid)", len(pairs), len(samples), len(pairs) // 2)
+    return pairs
+
+
+def microbatches(ctx: RunContext, pairs: list[SegmentPair]):
+    """Token-budget micro-batches of this rank's pairs, each packing its teachers then its students."""
+    mine = dp_share(ctx, pairs)
+    lengths = [len(pair.teacher) + len(pair.student) for pair in mine]
+    groups = token_budget_batches(lengths, ctx.config.data.max_tokens_per_microbatch)
+    return [pack_sequences([mine[i].teacher for i in g] + [mine[i].student for i in g]) for g in groups]
+
+
+def run(config: Config) -> None:
+    ctx = setup(config)
+    if read_stage_done(ctx.run_dir, STAGE):
+        log.info("warmup: already done, skipped")
+        return
+    from prism_mcore.models import build_discriminator, save_hf
+    from prism_mcore.training.forward import warmup_forward
+    from prism_mcore.training.step import forward_metrics, train_step
+
+    cfg = config.warmup
+    pairs, stats = file_pairs(ctx, config)
+    if cfg.self_play_pairs > 0:
+        pairs += self_play_pairs(ctx, config)
+    pairs = batch_for_step(pairs, 0, len(pairs), config.run.seed)  # one fixed shuffle before the split
+    heldout_count = max(1, int(len(pairs) * cfg.heldout_fraction))
+    heldout, train_pairs = pairs[:heldout_count], pairs[heldout_count:]
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_pairs) / cfg.global_batch_size)
+    log.info("warmup: %d pairs (%d held out), %d steps of %d", len(pairs), heldout_count, total_steps,
+             cfg.global_batch_size)  # fmt: skip
+
+    discriminator = build_discriminator(config.model, config.parallel,
+                                        path=input_checkpoint(ctx, STAGE, DISCRIMINATOR_HF), seed=config.run.seed)  # fmt: skip
+    trainable = make_trainable(ctx, discriminator, cfg.optim, total_steps)
+    loss_step = warmup_forward(cfg.aux_loss_coef, top_k=discriminator.config.moe_router_topk)
+    heldout_batches = microbatches(ctx, heldout)
+
+    def heldout_accuracy() -> float:
+        discriminator.eval()
+        accuracy = forward_metrics(trainable.models, loss_step, heldout_batches)["acc"]
+        discriminator.train()
+        return accuracy
+
+    accuracy_before = heldout_accuracy()
+
+    def step_fn(step: int) -> dict[str, float]:
+        batch = batch_for_step(train_pairs, step, cfg.global_batch_size, config.run.seed)
+        result = train_step(trainable.models, trainable.optimizer, trainable.scheduler, loss_step,
+                            microbatches(ctx, batch), seq_length=0, micro_batch_size=1)  # fmt: skip
+        return {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
+
+    run_steps(ctx, STAGE, {"discriminator": trainable}, total_steps, cfg.save_every, step_fn,
+              log_keys=("loss", "acc", "grad_norm"))  # fmt: skip
+    accuracy_after = heldout_accuracy()
+    log.info("warmup: held-out pairwise accuracy %.3f -> %.3f", accuracy_before, accuracy_after)
+    export = save_hf(discriminator, ctx.stage_dir("hf", STAGE))
+    finish_stage(ctx, STAGE, {
+        "steps": total_steps,
+        "data": stats.summary(),
+        "heldout_pairs": heldout_count,
+        "heldout_accuracy_before": accuracy_before,
+        "heldout_accuracy": accuracy_after,
+        DISCRIMINATOR_HF: str(export),
+    })  # fmt: skip

@@ -1,0 +1,310 @@
+"""Megatron forward steps of the four losses, and the micro-batches they consume.
+
+Every stage trains through `training.step.train_step`, which runs a `forward_step(data_iterator, model)` per
+micro-batch. This module holds those forward steps, one per loss, each returning the `(numerator, denominator,
+metrics)` triple the step divides once over all micro-batches and data-parallel ranks:
+
+| forward step            | loss                                             | numerator / denominator                     |
+|-------------------------|--------------------------------------------------|---------------------------------------------|
+| `sft_forward`           | -log p of assistant tokens (SFT)                 | token sum / token count (global token mean) |
+| `policy_forward`        | clipped policy loss (PRISM_SPEC §4, §5.2)        | see `policy_loss_fraction`                  |
+| `discriminator_forward` | pairwise BT + fallback + L2 (PRISM_SPEC §3.1)    | micro-batch loss x samples / samples        |
+| `warmup_forward`        | pairwise BT + router aux loss (PRISM_SPEC §2.5)  | micro-batch loss x pairs / pairs            |
+
+"x samples / samples" reproduces the reference's scaling of each micro-batch loss by micro/mini batch size. Metrics
+are `[sum, count]` pairs, so the reported value is the mean over the whole step. Inputs are packed batches (THD):
+per-token tensors are `[1, T]` and aligned so that position t carries what the model predicts after token t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from prism_mcore.algorithms import (
+    DiscriminatorLossConfig,
+    LossAggregation,
+    PolicyLossConfig,
+    discriminator_loss,
+    logprob_mismatch,
+    masked_mean,
+    pairwise_warmup_loss,
+    policy_loss,
+)
+from prism_mcore.data.batching import PackedBatch
+from prism_mcore.models import forward_kwargs, record_router_logits, router_load_balancing_loss
+from prism_mcore.training.logprobs import LogProbRequest, logprobs_output_processor
+
+LossTriple = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+def _pair(value: torch.Tensor | float, count: int | float) -> torch.Tensor:
+    """A `[sum, count]` metric entry for a value averaged over `count` items."""
+    value = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+    return torch.stack([value * count, torch.tensor(float(count), dtype=torch.float64)])
+
+
+def _count(value: int | float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.int)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Policy micro-batches: SFT and RL
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenBatch:
+    """A packed policy micro-batch and its per-token training targets (all `[1, T]`)."""
+
+    packed: PackedBatch
+    targets: torch.Tensor  # id of the next token of the same sequence
+    loss_mask: torch.Tensor  # bool: positions whose next token is trained (assistant / response tokens)
+    advantages: torch.Tensor | None = None  # RL: the sequence's advantage on each of its response positions
+    rollout_logprobs: torch.Tensor | None = None  # RL: the rollout engine's log-prob of each response token
+
+    @property
+    def num_sequences(self) -> int:
+        return self.packed.num_sequences
+
+
+def token_batch(
+    packed: PackedBatch,
+    advantages: list[float] | None = None,
+    rollout_logprobs: list[list[float]] | None = None,
+) -> TokenBatch:
+    """Targets and masks of a packed batch whose `labels` mark the trained tokens.
+
+    For RL, `advantages[i]` is broadcast over sequence i's response positions (PRISM_SPEC §4 step 5) and
+    `rollout_logprobs[i]` (one per response token) is placed where that token is predicted.
+    """
+    targets, valid = packed.next_token_targets()
+    loss_mask = packed.next_token_labels().ne(-100) & valid
+    adv = rollout = None
+    if advantages is not None:
+        adv = torch.zeros(loss_mask.shape, dtype=torch.float32)
+        rollout = torch.zeros(loss_mask.shape, dtype=torch.float32) if rollout_logprobs is not None else None
+        for i, (start, end) in enumerate(
+            zip(packed.cu_seqlens[:-1].tolist(), packed.cu_seqlens[1:].tolist(), strict=True)
+        ):
+            positions = loss_mask[0, start:end].nonzero().flatten() + start
+            adv[0, positions] = float(advantages[i])
+            if rollout is not None:
+                if len(rollout_logprobs[i]) != len(positions):
+                    raise ValueError(
+                        f"sequence {i}: {len(rollout_logprobs[i])} rollout log-probs for {len(positions)} tokens"
+                    )
+                rollout[0, positions] = torch.tensor(rollout_logprobs[i], dtype=torch.float32)
+    return TokenBatch(packed, targets, loss_mask, adv, rollout)
+
+
+def sequence_rows(
+    values: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather each sequence's masked positions of a `[1, T]` tensor into right-padded rows `[n, L]` (+ row mask).
+
+    The policy loss works on `[batch, response length]` rows (sequence-level ratios and per-sequence aggregation
+    need them); this is the packed-to-rows view of the response tokens.
+    """
+    rows = []
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        rows.append(values[0, start:end][mask[0, start:end]])
+    padded = pad_sequence(rows, batch_first=True)
+    lengths = torch.tensor([len(row) for row in rows])
+    row_mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+    return padded, row_mask
+
+
+def _policy_forward_output(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> Any:
+    return model(
+        **forward_kwargs(batch.packed),
+        output_processor=logprobs_output_processor,
+        output_processor_context=LogProbRequest(batch.targets, temperature=temperature),
+    )
+
+
+def sft_forward(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
+    """Negative log-likelihood of the assistant tokens, as a global token mean."""
+    batch = next(data_iterator)
+    output = _policy_forward_output(model, batch, temperature=1.0)
+
+    def loss_func(output: tuple[torch.Tensor, torch.Tensor]) -> LossTriple:
+        logprobs, _ = output
+        mask = batch.loss_mask.to(logprobs.dtype)
+        total = -(logprobs * mask).sum()
+        tokens = int(batch.loss_mask.sum())
+        return total, _count(tokens), {"loss": _pair(total / max(tokens, 1), tokens)}
+
+    return output, loss_func
+
+
+def policy_forward(
+    loss_config: PolicyLossConfig, temperature: float = 1.0
+) -> Callable[[Iterator[TokenBatch], torch.nn.Module], tuple[Any, Callable]]:
+    """The clipped policy-gradient loss on rollouts (one optimizer step per rollout batch).
+
+    The old policy of PPO is the policy before this step's update, i.e. exactly the weights this forward runs on,
+    since every micro-batch of a step is computed before the single optimizer step (PRISM_SPEC §3.2, §5.1: one
+    update per batch). So `old_log_probs` is the detached current log-prob, identical to what a separate
+    recomputation pass would give, without that pass.
+    """
+
+    def forward_step(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
+        batch = next(data_iterator)
+        output = _policy_forward_output(model, batch, temperature)
+
+        def loss_func(output: tuple[torch.Tensor, torch.Tensor]) -> LossTriple:
+            logprobs, entropy = output
+            cu = batch.packed.cu_seqlens
+            log_probs, mask = sequence_rows(logprobs, batch.loss_mask, cu)
+            advantages, _ = sequence_rows(batch.advantages, batch.loss_mask, cu)
+            rollout = None
+            if batch.rollout_logprobs is not None:
+                rollout, _ = sequence_rows(batch.rollout_logprobs, batch.loss_mask, cu)
+            numerator, denominator, result = policy_loss_fraction(
+                log_probs, advantages, mask, loss_config, rollout_log_probs=rollout
+            )
+            n = batch.num_sequences
+            metrics = {name: _pair(value, n) for name, value in result.metrics.items()}
+            metrics["pg_loss"] = _pair(result.loss, n)
+            metrics["entropy"] = _pair(masked_mean(entropy.detach(), batch.loss_mask.float()), n)
+            if rollout is not None:
+                mismatch = logprob_mismatch(log_probs.detach(), rollout, mask, tis_cap=loss_config.tis_cap)
+                metrics.update({name: _pair(value, n) for name, value in mismatch.metrics().items()})
+            return numerator, denominator, metrics
+
+        return output, loss_func
+
+    return forward_step
+
+
+def policy_loss_fraction(
+    log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    config: PolicyLossConfig,
+    rollout_log_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(numerator, denominator, loss output) of one micro-batch of `[n, L]` rows.
+
+    `global-token-mean`: (Σ L·mask, number of tokens), so the step divides by all tokens of all micro-batches and
+    ranks. Other modes follow the reference: the micro-batch's aggregated loss weighted by its sequences,
+    (loss · n, n), which divides to Σ_mb loss_mb · n_mb / N.
+    """
+    old_log_probs = log_probs.detach()
+    if config.aggregation is LossAggregation.GLOBAL_TOKEN_MEAN:
+        result = policy_loss(
+            log_probs,
+            old_log_probs,
+            advantages,
+            mask,
+            config,
+            rollout_log_probs=rollout_log_probs,
+            global_token_count=1,
+        )
+        return result.loss, _count(int(mask.sum())), result
+    result = policy_loss(log_probs, old_log_probs, advantages, mask, config, rollout_log_probs=rollout_log_probs)
+    n = log_probs.shape[0]
+    return result.loss * n, _count(n), result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Discriminator micro-batches: scoring, alignment update, warmup
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _token_scores(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
+    """The value head's output at every token, `[1, T, 1]` (the last pipeline stage; hidden states elsewhere)."""
+    return model(**forward_kwargs(packed))
+
+
+def _read_scores(token_scores: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+    """The score of each sequence, read at its scored token: `[num_sequences]`."""
+    return token_scores[0, packed.score_indices, 0].float()
+
+
+def score_forward(data_iterator: Iterator[PackedBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
+    """Forward-only scoring of segments (eval mode): returns the scores as the `scores` entry of the metrics."""
+    packed = next(data_iterator)
+    output = _token_scores(model, packed)
+
+    def loss_func(token_scores: torch.Tensor) -> LossTriple:
+        scores = _read_scores(token_scores, packed)
+        return scores.sum() * 0, _count(1), {"scores": scores.detach().cpu()}
+
+    return output, loss_func
+
+
+@dataclass
+class DiscriminatorBatch:
+    """One alignment micro-batch of D: m student samples (whole prompt groups) and their k prompts' teachers.
+
+    `packed` holds, in order, the m student captions, the m student CoTs, the k teacher captions and the k teacher
+    CoTs. A teacher segment is the same for every sample of its prompt, so it is scored once and shared through
+    `teacher_index` (sample -> prompt); the gradients equal those of scoring it once per sample.
+    """
+
+    packed: PackedBatch
+    valid: torch.Tensor  # [m] bool: student format valid (PRISM_SPEC §3.1 v_i)
+    teacher_index: torch.Tensor  # [m] long
+    num_prompts: int  # k
+    num_valid_global: int  # N_v over the whole step and every rank: decides between pairwise loss and fallback
+
+
+def discriminator_forward(
+    config: DiscriminatorLossConfig,
+) -> Callable[[Iterator[DiscriminatorBatch], torch.nn.Module], tuple[Any, Callable]]:
+    """D's alignment loss: pairwise Bradley-Terry on caption and CoT, fallback, L2 regulariser; no aux loss (§8.8)."""
+
+    def forward_step(data_iterator: Iterator[DiscriminatorBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
+        batch = next(data_iterator)
+        output = _token_scores(model, batch.packed)
+
+        def loss_func(token_scores: torch.Tensor) -> LossTriple:
+            scores = _read_scores(token_scores, batch.packed)
+            m, k = batch.valid.numel(), batch.num_prompts
+            student_caption, student_cot = scores[:m], scores[m : 2 * m]
+            teacher_caption = scores[2 * m : 2 * m + k][batch.teacher_index]
+            teacher_cot = scores[2 * m + k : 2 * m + 2 * k][batch.teacher_index]
+            result = discriminator_loss(
+                student_caption,
+                student_cot,
+                teacher_caption,
+                teacher_cot,
+                batch.valid,
+                num_valid_global=batch.num_valid_global,
+                config=config,
+            )
+            metrics = {name: _pair(value, m) for name, value in result.metrics.items()}
+            return result.loss * m, _count(m), metrics
+
+        return output, loss_func
+
+    return forward_step
+
+
+def warmup_forward(
+    aux_coef: float, top_k: int
+) -> Callable[[Iterator[PackedBatch], torch.nn.Module], tuple[Any, Callable]]:
+    """D's warmup loss on a micro-batch packing m teacher segments then the m paired student segments (§2.5)."""
+
+    def forward_step(data_iterator: Iterator[PackedBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
+        packed = next(data_iterator)
+        with record_router_logits(model) as router_logits:
+            output = _token_scores(model, packed)
+
+        def loss_func(token_scores: torch.Tensor) -> LossTriple:
+            scores = _read_scores(token_scores, packed)
+            m = scores.numel() // 2
+            aux = router_load_balancing_loss(router_logits, top_k) if router_logits else 0.0
+            result = pairwise_warmup_loss(scores[:m], scores[m:], aux_loss=aux, aux_coef=aux_coef)
+            metrics = {name: _pair(value, m) for name, value in result.metrics.items()}
+            return result.loss * m, _count(m), metrics
+
+        return output, loss_func
+
+    return forward_step

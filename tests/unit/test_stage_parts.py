@@ -1,0 +1,79 @@
+"""The pure parts the stages are built from: data order by step, packed-to-rows views, the RL micro-batch targets,
+the policy-loss fraction the train step divides, and the report table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prism_mcore.algorithms import policy_loss_preset
+from prism_mcore.data.batching import pack_token_ids
+from prism_mcore.report import comparison, stage_table
+from prism_mcore.stages.common import batch_for_step
+from prism_mcore.training.forward import policy_loss_fraction, sequence_rows, token_batch
+
+
+def test_batch_for_step_is_a_resumable_function_of_the_step() -> None:
+    items = list(range(10))
+    epoch0 = batch_for_step(items, 0, 4, seed=3) + batch_for_step(items, 1, 4, seed=3)
+    wrapped = batch_for_step(items, 2, 4, seed=3)  # 2 items left in epoch 0, then 2 of epoch 1
+    assert len(set(epoch0)) == 8 and set(epoch0) <= set(items)
+    assert set(wrapped[:2]) == set(items) - set(epoch0)
+    assert batch_for_step(items, 2, 4, seed=3) == wrapped  # same step, same batch (resume needs no loader state)
+    assert batch_for_step(items, 0, 4, seed=4) != batch_for_step(items, 0, 4, seed=3)
+
+
+def test_sequence_rows_gathers_each_sequences_masked_positions() -> None:
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    mask = torch.tensor([[False, True, True, False, False, True, False]])
+    rows, row_mask = sequence_rows(values, mask, torch.tensor([0, 4, 7], dtype=torch.int32))
+    assert rows.tolist() == [[2.0, 3.0], [6.0, 0.0]]
+    assert row_mask.tolist() == [[True, True], [True, False]]
+
+
+def test_token_batch_places_advantages_and_rollout_logprobs_on_predicting_positions() -> None:
+    # Two sequences: prompt [5, 6] + response [7, 8], and prompt [9] + response [10].
+    packed = pack_token_ids([torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10])])
+    packed.labels = torch.tensor([[-100, -100, 7, 8, -100, 10]])
+    batch = token_batch(packed, advantages=[0.5, -1.0], rollout_logprobs=[[-0.1, -0.2], [-0.3]])
+    # Position t predicts token t+1 of the same sequence: 7 is predicted at 1, 8 at 2, 10 at 4.
+    assert batch.loss_mask.tolist() == [[False, True, True, False, True, False]]
+    assert batch.targets[0, [1, 2, 4]].tolist() == [7, 8, 10]
+    assert batch.advantages.tolist() == [[0.0, 0.5, 0.5, 0.0, -1.0, 0.0]]
+    torch.testing.assert_close(batch.rollout_logprobs, torch.tensor([[0.0, -0.1, -0.2, 0.0, -0.3, 0.0]]))
+    with pytest.raises(ValueError, match="sequence 1: 2 rollout log-probs for 1 tokens"):
+        token_batch(packed, advantages=[0.5, -1.0], rollout_logprobs=[[-0.1, -0.2], [-0.3, -0.4]])
+
+
+def test_policy_loss_fraction_weights_microbatches_as_the_reference() -> None:
+    log_probs = torch.zeros(2, 3, requires_grad=True)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    advantages = torch.tensor([[1.0, 1.0, 1.0], [-2.0, 0.0, 0.0]])
+    # At ratio 1 every token's loss is -A: tokens [-1, -1, -1, 2]; token-mean = -1/4 over the micro-batch.
+    numerator, denominator, _ = policy_loss_fraction(log_probs, advantages, mask, policy_loss_preset("grpo"))
+    assert numerator.item() == pytest.approx(-0.25 * 2) and int(denominator) == 2  # (mean · sequences, sequences)
+    numerator, denominator, _ = policy_loss_fraction(
+        log_probs, advantages, mask, policy_loss_preset("grpo", aggregation="global-token-mean")
+    )
+    assert numerator.item() == pytest.approx(-1.0) and int(denominator) == 4  # (token sum, tokens)
+    numerator.backward()
+    torch.testing.assert_close(log_probs.grad, -advantages * mask)  # d(-A·r)/d logp = -A at r = 1
+
+
+def test_stage_table_and_comparison(tmp_path) -> None:
+    evaluation = {"val": {"accuracy": 0.25, "format_valid": 0.5}, "test": {"accuracy": 0.125, "format_valid": 1.0}}
+    summary = {
+        "stages": {
+            "sft": {"eval": evaluation},
+            "warmup": {"heldout_accuracy_before": 0.5, "heldout_accuracy": 0.75},
+        }
+    }
+    table = stage_table(summary).splitlines()
+    assert table[2].split("|")[1:5] == ["   0.250 ", "   0.500 ", "    0.125 ", "    1.000 "]
+    assert "D held-out pairwise acc 0.500 -> 0.750" in table[3]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(__import__("json").dumps(summary))
+    rows = comparison(tmp_path / "a", tmp_path / "b").splitlines()
+    assert rows[2].startswith("SFT -> RLVR") and rows[3].startswith("SFT -> PRISM -> RLVR")
+    assert rows[3].split("|")[2].strip() == "0.125"
