@@ -29,6 +29,7 @@ from prism_mcore.algorithms import (
 )
 from prism_mcore.config.schema import Config
 from prism_mcore.data.batching import pack_sequences
+from prism_mcore.models import build_discriminator, build_policy, save_hf
 from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
 from prism_mcore.stages.common import (
@@ -41,7 +42,6 @@ from prism_mcore.stages.common import (
     finish_stage,
     input_checkpoint,
     load_prompts,
-    log,
     make_engine,
     make_trainable,
     policy_loss_config,
@@ -50,11 +50,10 @@ from prism_mcore.stages.common import (
     rollout_metrics,
     run_steps,
     score_segments,
-    setup,
+    start_stage,
     sync_weights,
 )
-from prism_mcore.training.forward import DiscriminatorBatch
-from prism_mcore.training.resume import read_stage_done
+from prism_mcore.training.forward import DiscriminatorBatch, discriminator_forward, policy_forward
 
 STAGE = "align"
 
@@ -118,24 +117,21 @@ def score_rollouts(ctx: RunContext, discriminator, samples: list[Sample], score_
 
 
 def run(config: Config) -> None:
-    ctx = setup(config)
-    if read_stage_done(ctx.run_dir, STAGE):
-        log.info("align: already done, skipped")
+    ctx = start_stage(config, STAGE)
+    if ctx is None:
         return
-    from prism_mcore.models import build_discriminator, build_policy, save_hf
-    from prism_mcore.training.forward import discriminator_forward, policy_forward
-    from prism_mcore.training.step import train_step
 
     cfg = config.align
     prompts = load_prompts(ctx, config.data.align_path, "align", require_teacher=True)
     policy_path = input_checkpoint(ctx, STAGE, POLICY_HF)
-    policy = make_trainable(ctx, build_policy(config.model, config.parallel, path=policy_path), cfg.policy_optim,
-                            cfg.steps)  # fmt: skip
+    policy = make_trainable(
+        ctx, build_policy(config.model, config.parallel, path=policy_path), cfg.policy_optim, cfg.steps
+    )
     discriminator = make_trainable(
         ctx,
         build_discriminator(
             config.model, config.parallel, path=input_checkpoint(ctx, STAGE, DISCRIMINATOR_HF), seed=config.run.seed
-        ),  # fmt: skip
+        ),
         cfg.discriminator_optim,
         cfg.steps,
     )
@@ -146,8 +142,9 @@ def run(config: Config) -> None:
         cot_weight=cfg.cot_weight,
         format_penalty=cfg.format_penalty,
     )
-    d_loss_step = discriminator_forward(DiscriminatorLossConfig(score_clip=cfg.score_clip,
-                                                                score_reg_coef=cfg.score_reg_coef))  # fmt: skip
+    d_loss_step = discriminator_forward(
+        DiscriminatorLossConfig(score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef)
+    )
     policy_step = policy_forward(
         policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature
     )
@@ -169,10 +166,8 @@ def run(config: Config) -> None:
         )
         for sample, advantage in zip(samples, advantages.tolist(), strict=True):
             sample.advantage = advantage
-        d_result = train_step(discriminator.models, discriminator.optimizer, discriminator.scheduler, d_loss_step,
-                              discriminator_microbatches(ctx, samples), seq_length=0, micro_batch_size=1)  # fmt: skip
-        p_result = train_step(policy.models, policy.optimizer, policy.scheduler, policy_step,
-                              policy_microbatches(ctx, samples), seq_length=0, micro_batch_size=1)  # fmt: skip
+        d_result = discriminator.step(d_loss_step, discriminator_microbatches(ctx, samples))
+        p_result = policy.step(policy_step, policy_microbatches(ctx, samples))
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         caption = torch.tensor([s.caption_score for s in samples if s.format_valid] or [0.0])
         cot = torch.tensor([s.cot_score for s in samples if s.format_valid] or [0.0])
@@ -192,10 +187,23 @@ def run(config: Config) -> None:
             "actor/lr": p_result.lr,
         }
 
-    run_steps(ctx, STAGE, {"policy": policy, "discriminator": discriminator}, cfg.steps, cfg.save_every, step_fn,
-              log_keys=("reward/caption_score_mean", "reward/cot_score_mean", "reward/format_valid_ratio",
-                        "critic/d_acc", "critic/d_loss", "actor/pg_loss"),
-              on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step))  # fmt: skip
+    run_steps(
+        ctx,
+        STAGE,
+        {"policy": policy, "discriminator": discriminator},
+        cfg.steps,
+        cfg.save_every,
+        step_fn,
+        log_keys=(
+            "reward/caption_score_mean",
+            "reward/cot_score_mean",
+            "reward/format_valid_ratio",
+            "critic/d_acc",
+            "critic/d_loss",
+            "actor/pg_loss",
+        ),
+        on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
+    )
     record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine)}
     record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
     record[DISCRIMINATOR_HF] = str(save_hf(discriminator.handle, ctx.stage_dir("hf", "align_discriminator")))

@@ -19,20 +19,26 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoTokenizer
 
 from prism_mcore.algorithms import PolicyLossConfig, policy_loss_preset
 from prism_mcore.config import save_config
 from prism_mcore.config.schema import STAGES, Config, OptimConfig, PolicyLossSettings
+from prism_mcore.data.batching import pack_sequences, token_budget_batches
+from prism_mcore.data.embedded import ensure_embedded
 from prism_mcore.data.errors import DataStats, checked
 from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_prompts
 from prism_mcore.data.samples import LengthLimits, SampleBuilder
+from prism_mcore.models import iter_hf_weights
 from prism_mcore.record import Sample
 from prism_mcore.rewards import ResponseSegmenter, reward_batch
 from prism_mcore.rollout import RolloutEngine, SamplingParams, build_rollout_engine
-from prism_mcore.runtime import DistEnv, init_distributed
+from prism_mcore.runtime import DistEnv, broadcast_from_last_stage, gather_data_parallel, init_distributed
+from prism_mcore.training.forward import score_forward, token_batch
 from prism_mcore.training.metrics import MetricsLogger, get_logger, progress
-from prism_mcore.training.resume import mark_stage_done, read_stage_done
+from prism_mcore.training.resume import CheckpointManager, mark_stage_done, read_stage_done
+from prism_mcore.training.step import build_optimizer, forward_only, train_step, wrap_ddp
 
 log = get_logger()
 
@@ -86,7 +92,6 @@ def resolve_embedded_paths(config: Config) -> Config:
     names = [name for name in paths if name.endswith("_path") and not paths[name]]
     if not names:
         return config
-    from prism_mcore.data.embedded import ensure_embedded
 
     assets = ensure_embedded()
     for section in (config.model, config.data):
@@ -107,7 +112,6 @@ def setup(config: Config) -> RunContext:
     run_dir = Path(config.run.output_dir)
     if env.rank == 0:
         save_config(config, run_dir / "config.json")
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.policy_path, local_files_only=True)
     images = build_image_processor(
@@ -130,9 +134,26 @@ def setup(config: Config) -> RunContext:
         segmenter=segmenter,
         metrics=MetricsLogger(run_dir, tensorboard=config.run.tensorboard),
     )
-    log.info("run %s: world %d (tp %d, pp %d, ep %d, dp %d) on %s", run_dir, env.world_size, env.tp, env.pp, env.ep,
-             env.dp, env.device)  # fmt: skip
+    log.info(
+        "run %s: world %d (tp %d, pp %d, ep %d, dp %d) on %s",
+        run_dir,
+        env.world_size,
+        env.tp,
+        env.pp,
+        env.ep,
+        env.dp,
+        env.device,
+    )
     return _CONTEXT
+
+
+def start_stage(config: Config, stage: str) -> RunContext | None:
+    """The run context for `stage`, or None when an earlier run of this pipeline already finished it."""
+    ctx = setup(config)
+    if read_stage_done(ctx.run_dir, stage):
+        log.info("%s: already done, skipped", stage)
+        return None
+    return ctx
 
 
 def input_checkpoint(ctx: RunContext, stage: str, key: str) -> str:
@@ -167,8 +188,9 @@ def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -
     stats = DataStats()
     reader = open_prompts(path, require_teacher=require_teacher)
     builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, stats)
-    prompts = list(checked(range(len(reader)), lambda i: builder.prompt_sample(reader[i]),
-                           ctx.config.data.on_error, stats))  # fmt: skip
+    prompts = list(
+        checked(range(len(reader)), lambda i: builder.prompt_sample(reader[i]), ctx.config.data.on_error, stats)
+    )
     ctx.data_stats[name] = stats
     log.info("%s prompts (%s): %s", name, path, stats.summary())
     if not prompts:
@@ -200,7 +222,6 @@ def rollout(
 
 def sync_weights(ctx: RunContext, policy: Any, engine: RolloutEngine | None, version: int) -> None:
     """Stream the policy's HF weights to the rollout engine; the export is collective, every rank drains it."""
-    from prism_mcore.models import iter_hf_weights
 
     stream = iter_hf_weights(policy)
     if ctx.is_main:
@@ -215,8 +236,9 @@ def make_engine(ctx: RunContext, policy_path: str, weight_version: int = 0) -> R
     if not ctx.is_main:
         return None
     device = ctx.env.device if ctx.env.device.type == "cuda" else "cpu"
-    return build_rollout_engine(ctx.config.rollout, policy_path, run_dir=ctx.run_dir, device=device,
-                                weight_version=weight_version)  # fmt: skip
+    return build_rollout_engine(
+        ctx.config.rollout, policy_path, run_dir=ctx.run_dir, device=device, weight_version=weight_version
+    )
 
 
 def evaluate(ctx: RunContext, engine: RolloutEngine | None, prompts: list[Sample], split: str) -> dict[str, float]:
@@ -237,8 +259,14 @@ def evaluate(ctx: RunContext, engine: RolloutEngine | None, prompts: list[Sample
             "reward": sum(s.reward for s in samples) / len(samples),
             "num_prompts": len(samples),
         }
-        log.info("eval %s: accuracy %.3f, format-valid %.3f (%d prompts, %.1fs)", split, result["accuracy"],
-                 result["format_valid"], len(samples), time.time() - start)  # fmt: skip
+        log.info(
+            "eval %s: accuracy %.3f, format-valid %.3f (%d prompts, %.1fs)",
+            split,
+            result["accuracy"],
+            result["format_valid"],
+            len(samples),
+            time.time() - start,
+        )
     holder = [result]
     if ctx.env.world_size > 1:
         dist.broadcast_object_list(holder, src=0)
@@ -265,17 +293,14 @@ def score_segments(ctx: RunContext, discriminator: Trainable, segments: list) ->
 
     Each data-parallel rank scores its share in token-budget micro-batches; shares are gathered afterwards.
     """
-    from prism_mcore.data.batching import pack_sequences, token_budget_batches
-    from prism_mcore.runtime import broadcast_from_last_stage, gather_data_parallel
-    from prism_mcore.training.forward import score_forward
-    from prism_mcore.training.step import forward_only
 
     indices = dp_share(ctx, list(range(len(segments))))
     groups = token_budget_batches([len(segments[i]) for i in indices], ctx.config.data.max_tokens_per_microbatch)
     groups = [[indices[i] for i in group] for group in groups]
     discriminator.handle.eval()
-    outputs = forward_only(discriminator.models, score_forward, [pack_sequences([segments[i] for i in g]) for g in groups],
-                           seq_length=0, micro_batch_size=1)  # fmt: skip
+    outputs = forward_only(
+        discriminator.models, score_forward, [pack_sequences([segments[i] for i in g]) for g in groups]
+    )
     discriminator.handle.train()
     mine = broadcast_from_last_stage(
         [(g, out["scores"]) for g, out in zip(groups, outputs, strict=True)] if outputs else None
@@ -296,14 +321,19 @@ class Trainable:
     optimizer: Any
     scheduler: Any
 
+    def step(self, forward_step: Callable, microbatches: list) -> Any:
+        """One optimizer step of this model over this rank's micro-batches (`training.step.train_step`)."""
+
+        return train_step(self.models, self.optimizer, self.scheduler, forward_step, microbatches)
+
 
 def make_trainable(ctx: RunContext, handle: Any, optim: OptimConfig, total_steps: int) -> Trainable:
-    from prism_mcore.training.step import build_optimizer, wrap_ddp
 
     distributed_optimizer = ctx.config.parallel.distributed_optimizer and torch.cuda.is_available()
     models = wrap_ddp(handle.chunks, use_distributed_optimizer=distributed_optimizer)
-    optimizer, scheduler = build_optimizer(models, optim, total_steps, distributed_optimizer,
-                                           bf16=bool(getattr(handle.config, "bf16", False)))  # fmt: skip
+    optimizer, scheduler = build_optimizer(
+        models, optim, total_steps, distributed_optimizer, bf16=bool(getattr(handle.config, "bf16", False))
+    )
     return Trainable(handle=handle, models=models, optimizer=optimizer, scheduler=scheduler)
 
 
@@ -346,7 +376,6 @@ def run_steps(
     `state` is the stage's own small JSON-able state beyond the step (e.g. how many generation batches dynamic
     sampling consumed): saved with each checkpoint and restored in place; `on_resume(step)` runs after a restore.
     """
-    from prism_mcore.training.resume import CheckpointManager
 
     state = {} if state is None else state
     manager = CheckpointManager(ctx.stage_dir("checkpoints", stage), keep_last=ctx.config.run.keep_last)
@@ -391,8 +420,6 @@ def policy_loss_config(settings: PolicyLossSettings, tis_cap: float) -> PolicyLo
 
 def policy_microbatches(ctx: RunContext, samples: list[Sample]) -> list:
     """This rank's rollouts as packed policy micro-batches with advantages and rollout log-probs."""
-    from prism_mcore.data.batching import pack_sequences, token_budget_batches
-    from prism_mcore.training.forward import token_batch
 
     mine = dp_share(ctx, samples)
     sequences = [ctx.builder.policy_sequence(sample) for sample in mine]

@@ -16,6 +16,7 @@ import torch
 
 from prism_mcore.algorithms import collect_informative_groups, group_ids_from_uids, grpo_advantage, overlong_penalty
 from prism_mcore.config.schema import Config
+from prism_mcore.models import build_policy, save_hf
 from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
 from prism_mcore.stages.common import (
@@ -25,7 +26,6 @@ from prism_mcore.stages.common import (
     finish_stage,
     input_checkpoint,
     load_prompts,
-    log,
     make_engine,
     make_trainable,
     policy_loss_config,
@@ -33,10 +33,10 @@ from prism_mcore.stages.common import (
     rollout,
     rollout_metrics,
     run_steps,
-    setup,
+    start_stage,
     sync_weights,
 )
-from prism_mcore.training.resume import read_stage_done
+from prism_mcore.training.forward import policy_forward
 
 STAGE = "rlvr"
 
@@ -49,13 +49,9 @@ def group_by_prompt(samples: list[Sample]) -> list[list[Sample]]:
 
 
 def run(config: Config) -> None:
-    ctx = setup(config)
-    if read_stage_done(ctx.run_dir, STAGE):
-        log.info("rlvr: already done, skipped")
+    ctx = start_stage(config, STAGE)
+    if ctx is None:
         return
-    from prism_mcore.models import build_policy, save_hf
-    from prism_mcore.training.forward import policy_forward
-    from prism_mcore.training.step import train_step
 
     cfg = config.rlvr
     prompts = load_prompts(ctx, config.data.rl_path, "rlvr", require_teacher=False)
@@ -83,11 +79,17 @@ def run(config: Config) -> None:
             state["generation_batches"] += 1
             return group_by_prompt(generate(step, state["generation_batches"] - 1, cfg.generation_prompts_per_step))
 
-        result = collect_informative_groups(next_generation_batch, lambda s: s.accuracy, cfg.prompts_per_step,
-                                            max_generation_batches=cfg.max_generation_batches)  # fmt: skip
+        result = collect_informative_groups(
+            next_generation_batch,
+            lambda s: s.accuracy,
+            cfg.prompts_per_step,
+            max_generation_batches=cfg.max_generation_batches,
+        )
         kept = [sample for group in result.groups for sample in group]
-        return kept, {"dynamic_sampling/generation_batches": result.num_generation_batches,
-                      "dynamic_sampling/kept_ratio": len(result.groups) / result.num_generated_groups}  # fmt: skip
+        return kept, {
+            "dynamic_sampling/generation_batches": result.num_generation_batches,
+            "dynamic_sampling/kept_ratio": len(result.groups) / result.num_generated_groups,
+        }
 
     def step_fn(step: int) -> dict[str, float]:
         samples, sampling_metrics = step_samples(step)
@@ -102,8 +104,7 @@ def run(config: Config) -> None:
         advantages = grpo_advantage(rewards, group_ids_from_uids([s.uid for s in samples]))
         for sample, reward, advantage in zip(samples, rewards.tolist(), advantages.tolist(), strict=True):
             sample.reward, sample.advantage = reward, advantage
-        result = train_step(policy.models, policy.optimizer, policy.scheduler, policy_step,
-                            policy_microbatches(ctx, samples), seq_length=0, micro_batch_size=1)  # fmt: skip
+        result = policy.step(policy_step, policy_microbatches(ctx, samples))
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         return {
             **rollout_metrics(samples),
@@ -114,9 +115,17 @@ def run(config: Config) -> None:
             "actor/lr": result.lr,
         }
 
-    run_steps(ctx, STAGE, {"policy": policy}, cfg.steps, cfg.save_every, step_fn,
-              log_keys=("reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio", "actor/pg_loss"),
-              state=state, on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step))  # fmt: skip
+    run_steps(
+        ctx,
+        STAGE,
+        {"policy": policy},
+        cfg.steps,
+        cfg.save_every,
+        step_fn,
+        log_keys=("reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio", "actor/pg_loss"),
+        state=state,
+        on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
+    )
     record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine)}
     record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
     finish_stage(ctx, STAGE, record)

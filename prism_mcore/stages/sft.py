@@ -18,6 +18,7 @@ from prism_mcore.data.batching import pack_sequences, token_budget_batches
 from prism_mcore.data.errors import DataStats, checked
 from prism_mcore.data.readers import open_sft
 from prism_mcore.data.samples import SampleBuilder, TokenSequence
+from prism_mcore.models import build_policy, save_hf
 from prism_mcore.stages.common import (
     POLICY_HF,
     RunContext,
@@ -29,10 +30,10 @@ from prism_mcore.stages.common import (
     make_engine,
     make_trainable,
     run_steps,
-    setup,
+    start_stage,
 )
 from prism_mcore.training.forward import TokenBatch, sft_forward, token_batch
-from prism_mcore.training.resume import read_stage_done
+from prism_mcore.training.step import forward_metrics
 
 STAGE = "sft"
 MAX_HELDOUT = 256
@@ -46,12 +47,9 @@ def microbatches(ctx: RunContext, sequences: list[TokenSequence]) -> list[TokenB
 
 
 def run(config: Config) -> None:
-    ctx = setup(config)
-    if read_stage_done(ctx.run_dir, STAGE):
-        log.info("sft: already done, skipped")
+    ctx = start_stage(config, STAGE)
+    if ctx is None:
         return
-    from prism_mcore.models import build_policy, save_hf
-    from prism_mcore.training.step import forward_metrics, train_step
 
     cfg = config.sft
     reader = open_sft(config.data.sft_path, config.data.sft_dataset or None)
@@ -66,8 +64,9 @@ def run(config: Config) -> None:
     heldout_batches = microbatches(ctx, sequences(list(range(len(reader) - heldout, len(reader)))))
     steps_per_epoch = math.ceil(len(train_indices) / cfg.global_batch_size)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    log.info("sft: %d conversations (%d held out), %d steps of %d", len(reader), heldout, total_steps,
-             cfg.global_batch_size)  # fmt: skip
+    log.info(
+        "sft: %d conversations (%d held out), %d steps of %d", len(reader), heldout, total_steps, cfg.global_batch_size
+    )
 
     policy = build_policy(config.model, config.parallel, path=input_checkpoint(ctx, STAGE, POLICY_HF))
     trainable = make_trainable(ctx, policy, cfg.optim, total_steps)
@@ -80,15 +79,21 @@ def run(config: Config) -> None:
 
     def step_fn(step: int) -> dict[str, float]:
         batch = sequences(batch_for_step(train_indices, step, cfg.global_batch_size, config.run.seed))
-        result = train_step(trainable.models, trainable.optimizer, trainable.scheduler, sft_forward,
-                            microbatches(ctx, batch), seq_length=0, micro_batch_size=1)  # fmt: skip
+        result = trainable.step(sft_forward, microbatches(ctx, batch))
         metrics = {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
         if heldout_batches and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             metrics["val_loss"] = validation_loss()
         return metrics
 
-    run_steps(ctx, STAGE, {"policy": trainable}, total_steps, cfg.save_every, step_fn,
-              log_keys=("loss", "val_loss", "grad_norm", "lr"))  # fmt: skip
+    run_steps(
+        ctx,
+        STAGE,
+        {"policy": trainable},
+        total_steps,
+        cfg.save_every,
+        step_fn,
+        log_keys=("loss", "val_loss", "grad_norm", "lr"),
+    )
     record = {"steps": total_steps, "data": stats.summary()}
     if heldout_batches:
         record["val_loss"] = validation_loss()

@@ -21,6 +21,7 @@ from prism_mcore.data.errors import DataStats, checked
 from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_warmup
 from prism_mcore.data.samples import SampleBuilder, SegmentPair
+from prism_mcore.models import build_discriminator, save_hf
 from prism_mcore.rollout import SamplingParams
 from prism_mcore.stages.common import (
     DISCRIMINATOR_HF,
@@ -36,9 +37,10 @@ from prism_mcore.stages.common import (
     make_trainable,
     rollout,
     run_steps,
-    setup,
+    start_stage,
 )
-from prism_mcore.training.resume import read_stage_done
+from prism_mcore.training.forward import warmup_forward
+from prism_mcore.training.step import forward_metrics
 
 STAGE = "warmup"
 
@@ -86,13 +88,9 @@ def microbatches(ctx: RunContext, pairs: list[SegmentPair]):
 
 
 def run(config: Config) -> None:
-    ctx = setup(config)
-    if read_stage_done(ctx.run_dir, STAGE):
-        log.info("warmup: already done, skipped")
+    ctx = start_stage(config, STAGE)
+    if ctx is None:
         return
-    from prism_mcore.models import build_discriminator, save_hf
-    from prism_mcore.training.forward import warmup_forward
-    from prism_mcore.training.step import forward_metrics, train_step
 
     cfg = config.warmup
     pairs, stats = file_pairs(ctx, config)
@@ -102,11 +100,13 @@ def run(config: Config) -> None:
     heldout_count = max(1, int(len(pairs) * cfg.heldout_fraction))
     heldout, train_pairs = pairs[:heldout_count], pairs[heldout_count:]
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_pairs) / cfg.global_batch_size)
-    log.info("warmup: %d pairs (%d held out), %d steps of %d", len(pairs), heldout_count, total_steps,
-             cfg.global_batch_size)  # fmt: skip
+    log.info(
+        "warmup: %d pairs (%d held out), %d steps of %d", len(pairs), heldout_count, total_steps, cfg.global_batch_size
+    )
 
-    discriminator = build_discriminator(config.model, config.parallel,
-                                        path=input_checkpoint(ctx, STAGE, DISCRIMINATOR_HF), seed=config.run.seed)  # fmt: skip
+    discriminator = build_discriminator(
+        config.model, config.parallel, path=input_checkpoint(ctx, STAGE, DISCRIMINATOR_HF), seed=config.run.seed
+    )
     trainable = make_trainable(ctx, discriminator, cfg.optim, total_steps)
     loss_step = warmup_forward(cfg.aux_loss_coef, top_k=discriminator.config.moe_router_topk)
     heldout_batches = microbatches(ctx, heldout)
@@ -121,20 +121,30 @@ def run(config: Config) -> None:
 
     def step_fn(step: int) -> dict[str, float]:
         batch = batch_for_step(train_pairs, step, cfg.global_batch_size, config.run.seed)
-        result = train_step(trainable.models, trainable.optimizer, trainable.scheduler, loss_step,
-                            microbatches(ctx, batch), seq_length=0, micro_batch_size=1)  # fmt: skip
+        result = trainable.step(loss_step, microbatches(ctx, batch))
         return {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
 
-    run_steps(ctx, STAGE, {"discriminator": trainable}, total_steps, cfg.save_every, step_fn,
-              log_keys=("loss", "acc", "grad_norm"))  # fmt: skip
+    run_steps(
+        ctx,
+        STAGE,
+        {"discriminator": trainable},
+        total_steps,
+        cfg.save_every,
+        step_fn,
+        log_keys=("loss", "acc", "grad_norm"),
+    )
     accuracy_after = heldout_accuracy()
     log.info("warmup: held-out pairwise accuracy %.3f -> %.3f", accuracy_before, accuracy_after)
     export = save_hf(discriminator, ctx.stage_dir("hf", STAGE))
-    finish_stage(ctx, STAGE, {
-        "steps": total_steps,
-        "data": stats.summary(),
-        "heldout_pairs": heldout_count,
-        "heldout_accuracy_before": accuracy_before,
-        "heldout_accuracy": accuracy_after,
-        DISCRIMINATOR_HF: str(export),
-    })  # fmt: skip
+    finish_stage(
+        ctx,
+        STAGE,
+        {
+            "steps": total_steps,
+            "data": stats.summary(),
+            "heldout_pairs": heldout_count,
+            "heldout_accuracy_before": accuracy_before,
+            "heldout_accuracy": accuracy_after,
+            DISCRIMINATOR_HF: str(export),
+        },
+    )

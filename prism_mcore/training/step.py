@@ -128,29 +128,34 @@ def _reduce_metrics(per_microbatch: list[dict[str, torch.Tensor]]) -> dict[str, 
     return {name: (totals[i, 0] / totals[i, 1]).item() if totals[i, 1] > 0 else 0.0 for i, name in enumerate(names)}
 
 
+def _run_schedule(
+    models: list[torch.nn.Module], forward_step: ForwardStep, microbatches: list[Any], forward_only: bool
+) -> list[Any]:
+    """All micro-batches through Megatron's schedule (pipelined when PP > 1). Packed micro-batches vary in length,
+    so pipeline stages exchange shapes (`variable_seq_lengths`) and `seq_length`/`micro_batch_size` are unused."""
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models],
+        model=models,
+        num_microbatches=len(microbatches),
+        seq_length=0,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+
+
 def train_step(
     models: list[torch.nn.Module],
     optimizer: Any,
     scheduler: OptimizerParamScheduler,
     forward_step: ForwardStep,
     microbatches: list[Any],
-    seq_length: int,
-    micro_batch_size: int,
 ) -> StepResult:
     """One optimizer step over `microbatches` (this rank's share of the global batch)."""
     for model in models:
         model.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_backward = get_forward_backward_func()
-    per_microbatch = forward_backward(
-        forward_step_func=forward_step,
-        data_iterator=iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models],
-        model=models,
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    per_microbatch = _run_schedule(models, forward_step, microbatches, forward_only=False)
     # Megatron's fp32/bf16 optimizers clip a NaN norm into NaN weights; check first and skip the update instead.
     found_inf = optimizer.prepare_grads()
     grad_norm = optimizer.get_grad_norm()
@@ -166,30 +171,16 @@ def train_step(
     )
 
 
+def forward_only(models: list[torch.nn.Module], forward_step: ForwardStep, microbatches: list[Any]) -> list[Any]:
+    """Run the schedule without gradients (scoring); returns each micro-batch's metrics dict (on the last pipeline
+    stage; an empty list on the others)."""
+    with torch.no_grad():
+        return _run_schedule(models, forward_step, microbatches, forward_only=True)
+
+
 def forward_metrics(
     models: list[torch.nn.Module], forward_step: ForwardStep, microbatches: list[Any]
 ) -> dict[str, float]:
     """The metrics of a forward pass without gradients (a validation loss, a held-out accuracy), reduced as in
     `train_step`."""
-    return _reduce_metrics(forward_only(models, forward_step, microbatches, seq_length=0, micro_batch_size=1))
-
-
-def forward_only(
-    models: list[torch.nn.Module],
-    forward_step: ForwardStep,
-    microbatches: list[Any],
-    seq_length: int,
-    micro_batch_size: int,
-) -> list[Any]:
-    """Run the schedule without gradients (scoring, validation); returns each micro-batch's metrics dict (on the
-    last pipeline stage; an empty list on the others)."""
-    with torch.no_grad():
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models],
-            model=models,
-            num_microbatches=len(microbatches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-        )
+    return _reduce_metrics(forward_only(models, forward_step, microbatches))

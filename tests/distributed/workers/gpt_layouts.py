@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 from prism_mcore.config.schema import OptimConfig, ParallelConfig
 from prism_mcore.runtime import init_distributed, shutdown
-from tests.tiny_gpt import MICRO_BATCH, SEQ, build_gpt, forward_step, microbatches
+from tests.tiny_gpt import build_gpt, forward_step, microbatches
 from tests.torchrun import write_rank_result
 
 
@@ -56,7 +56,7 @@ def main() -> None:
     losses, grad_norms, lrs = {}, {}, {}
     for step in range(start, args.steps):
         batches = microbatches(step, dp_rank, env.dp)
-        result = train_step(models, optimizer, scheduler, forward_step, batches, SEQ, MICRO_BATCH)
+        result = train_step(models, optimizer, scheduler, forward_step, batches)
         losses[step + 1], grad_norms[step + 1], lrs[step + 1] = result.metrics["loss"], result.grad_norm, result.lr
         if manager is not None and step + 1 == args.save_at:
             manager.save(step + 1, trainables, meta={"state": {"data_position": step + 1}})
