@@ -60,13 +60,13 @@ def embedded() -> Config:
     config.align.prompts_per_step = 8
     config.align.save_every = 10
     config.align.eval_every = 0
-    config.align.policy_optim.lr = 1e-4
+    config.align.policy_optim.lr = 2e-5
     config.align.discriminator_optim.lr = 1e-4
     config.rlvr.steps = 30
     config.rlvr.prompts_per_step = 8
     config.rlvr.save_every = 10
     config.rlvr.eval_every = 0
-    config.rlvr.optim.lr = 1e-4
+    config.rlvr.optim.lr = 2e-5
     return config
 
 
