@@ -30,6 +30,7 @@ from megatron.core.transformer.enums import AttnBackend
 
 from prism_mcore.config.schema import ModelConfig, ParallelConfig
 from prism_mcore.models.specs import Backend, language_layer_spec, patch_merger_spec, vision_layer_spec
+from prism_mcore.runtime.compat import has_transformer_engine
 
 # The vision blocks of every released Qwen3-VL use tanh-GELU, which is what the bridge's vision config implements.
 _VISION_BLOCK_ACTIVATION = "gelu_pytorch_tanh"
@@ -44,6 +45,7 @@ _GPU_FUSIONS = (
     "moe_permute_fusion",
 )
 
+# ModelConfig.fp8 -> Megatron's fp8_recipe: "current" is per-tensor current scaling, which Megatron calls tensorwise.
 _FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
 
 
@@ -133,6 +135,33 @@ def resolve_dtype(requested: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
 
 
+def fp8_settings(fp8: str, backend: Backend) -> dict[str, str]:
+    """The TransformerConfig fields of `model.fp8`; empty for "none".
+
+    FP8 runs the GEMMs of the language-model layers in Transformer Engine's FP8 (the `hybrid` format: e4m3 for
+    weights and activations, e5m2 for gradients), with delayed scaling (amax history) or current per-tensor scaling
+    (Megatron's `tensorwise`, TE >= 2.2). The vision tower, the output layer and the value head stay in bf16: the
+    bridge's vision config does not inherit `fp8`, and Megatron's output layer is outside the FP8 layer contexts.
+    TE's FP8 GEMMs need the token count of a micro-batch to be a multiple of 8 (16 for some recipes).
+    Refused, with one line naming the setting, without transformer-engine or on the torch SDPA backend.
+    """
+    if fp8 == "none":
+        return {}
+    if fp8 not in _FP8_RECIPES:
+        raise ValueError(f"model.fp8 must be none, delayed or current, got {fp8!r}")
+    if not has_transformer_engine():
+        raise ValueError(
+            f"model.fp8={fp8!r} needs transformer-engine, which is not installed: install it (PRISM_EXTRAS=gpu) "
+            "or set model.fp8=none"
+        )
+    if backend != "te":
+        raise ValueError(
+            f"model.fp8={fp8!r} needs Transformer Engine layers, but the {backend!r} backend was chosen: set "
+            "model.attention_backend to 'te' (or 'auto' on a GPU)"
+        )
+    return {"fp8": "hybrid", "fp8_recipe": _FP8_RECIPES[fp8]}
+
+
 def configure_provider(
     provider: PrismQwen3VLProvider | PrismQwen3VLMoeProvider,
     model: ModelConfig,
@@ -165,11 +194,8 @@ def configure_provider(
         provider.attention_backend = AttnBackend.local
         for fusion in _GPU_FUSIONS:
             setattr(provider, fusion, False)
-    if model.fp8 != "none":
-        if backend != "te":
-            raise ValueError("model.fp8 needs the Transformer Engine backend (model.attention_backend='te')")
-        provider.fp8 = "hybrid"
-        provider.fp8_recipe = _FP8_RECIPES[model.fp8]
+    for name, value in fp8_settings(model.fp8, backend).items():
+        setattr(provider, name, value)
 
     if model.recompute_activations:
         provider.recompute_granularity = "full"
