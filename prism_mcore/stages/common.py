@@ -81,7 +81,7 @@ def quiet_libraries() -> None:
 
     import transformers
 
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    logging.getLogger("megatron").setLevel(logging.ERROR)  # deprecation and missing-fusion notices too
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning()
 

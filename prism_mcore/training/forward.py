@@ -18,18 +18,19 @@ per-token tensors are `[1, T]` and aligned so that position t carries what the m
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from prism_kernels.discriminator_loss import fused_discriminator_loss
 from torch.nn.utils.rnn import pad_sequence
 
 from prism_mcore.algorithms import (
     DiscriminatorLossConfig,
     LossAggregation,
     PolicyLossConfig,
-    discriminator_loss,
     logprob_mismatch,
     masked_mean,
     pairwise_warmup_loss,
@@ -48,8 +49,9 @@ def _pair(value: torch.Tensor | float, count: int | float) -> torch.Tensor:
     return torch.stack([value * count, torch.tensor(float(count), dtype=torch.float64)])
 
 
-def _count(value: int | float) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.int)
+def _count(value: int | float, like: torch.Tensor) -> torch.Tensor:
+    """A loss denominator on the loss's device (Megatron all-reduces it with the numerators)."""
+    return torch.tensor(value, dtype=torch.int, device=like.device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -114,9 +116,26 @@ def sequence_rows(
     for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
         rows.append(values[0, start:end][mask[0, start:end]])
     padded = pad_sequence(rows, batch_first=True)
-    lengths = torch.tensor([len(row) for row in rows])
-    row_mask = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+    lengths = torch.tensor([len(row) for row in rows], device=values.device)
+    row_mask = torch.arange(padded.shape[1], device=values.device)[None, :] < lengths[:, None]
     return padded, row_mask
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _on_device(batch: Any, device: torch.device) -> Any:
+    """A copy of a micro-batch dataclass with every tensor (including a nested PackedBatch's) on `device`."""
+    moved = {}
+    for field in dataclasses.fields(batch):
+        value = getattr(batch, field.name)
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+        elif dataclasses.is_dataclass(value):
+            value = _on_device(value, device)
+        moved[field.name] = value
+    return dataclasses.replace(batch, **moved)
 
 
 def _policy_forward_output(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> Any:
@@ -129,7 +148,7 @@ def _policy_forward_output(model: torch.nn.Module, batch: TokenBatch, temperatur
 
 def sft_forward(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
     """Negative log-likelihood of the assistant tokens, as a global token mean."""
-    batch = next(data_iterator)
+    batch = _on_device(next(data_iterator), _device_of(model))
     output = _policy_forward_output(model, batch, temperature=1.0)
 
     def loss_func(output: tuple[torch.Tensor, torch.Tensor]) -> LossTriple:
@@ -137,7 +156,7 @@ def sft_forward(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> 
         mask = batch.loss_mask.to(logprobs.dtype)
         total = -(logprobs * mask).sum()
         tokens = int(batch.loss_mask.sum())
-        return total, _count(tokens), {"loss": _pair(total / max(tokens, 1), tokens)}
+        return total, _count(tokens, total), {"loss": _pair(total / max(tokens, 1), tokens)}
 
     return output, loss_func
 
@@ -154,7 +173,7 @@ def policy_forward(
     """
 
     def forward_step(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-        batch = next(data_iterator)
+        batch = _on_device(next(data_iterator), _device_of(model))
         output = _policy_forward_output(model, batch, temperature)
 
         def loss_func(output: tuple[torch.Tensor, torch.Tensor]) -> LossTriple:
@@ -206,10 +225,10 @@ def policy_loss_fraction(
             rollout_log_probs=rollout_log_probs,
             global_token_count=1,
         )
-        return result.loss, _count(int(mask.sum())), result
+        return result.loss, _count(int(mask.sum()), result.loss), result
     result = policy_loss(log_probs, old_log_probs, advantages, mask, config, rollout_log_probs=rollout_log_probs)
     n = log_probs.shape[0]
-    return result.loss * n, _count(n), result
+    return result.loss * n, _count(n, result.loss), result
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -229,12 +248,12 @@ def _read_scores(token_scores: torch.Tensor, packed: PackedBatch) -> torch.Tenso
 
 def score_forward(data_iterator: Iterator[PackedBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
     """Forward-only scoring of segments (eval mode): returns the scores as the `scores` entry of the metrics."""
-    packed = next(data_iterator)
+    packed = _on_device(next(data_iterator), _device_of(model))
     output = _token_scores(model, packed)
 
     def loss_func(token_scores: torch.Tensor) -> LossTriple:
         scores = _read_scores(token_scores, packed)
-        return scores.sum() * 0, _count(1), {"scores": scores.detach().cpu()}
+        return scores.sum() * 0, _count(1, scores), {"scores": scores.detach().cpu()}
 
     return output, loss_func
 
@@ -261,7 +280,7 @@ def discriminator_forward(
     """D's alignment loss: pairwise Bradley-Terry on caption and CoT, fallback, L2 regulariser; no aux loss (§8.8)."""
 
     def forward_step(data_iterator: Iterator[DiscriminatorBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-        batch = next(data_iterator)
+        batch = _on_device(next(data_iterator), _device_of(model))
         output = _token_scores(model, batch.packed)
 
         def loss_func(token_scores: torch.Tensor) -> LossTriple:
@@ -270,7 +289,7 @@ def discriminator_forward(
             student_caption, student_cot = scores[:m], scores[m : 2 * m]
             teacher_caption = scores[2 * m : 2 * m + k][batch.teacher_index]
             teacher_cot = scores[2 * m + k : 2 * m + 2 * k][batch.teacher_index]
-            result = discriminator_loss(
+            result = fused_discriminator_loss(  # the Triton kernel on CUDA tensors, the reference elsewhere
                 student_caption,
                 student_cot,
                 teacher_caption,
@@ -280,7 +299,7 @@ def discriminator_forward(
                 config=config,
             )
             metrics = {name: _pair(value, m) for name, value in result.metrics.items()}
-            return result.loss * m, _count(m), metrics
+            return result.loss * m, _count(m, result.loss), metrics
 
         return output, loss_func
 
@@ -293,7 +312,7 @@ def warmup_forward(
     """D's warmup loss on a micro-batch packing m teacher segments then the m paired student segments (§2.5)."""
 
     def forward_step(data_iterator: Iterator[PackedBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-        packed = next(data_iterator)
+        packed = _on_device(next(data_iterator), _device_of(model))
         with record_router_logits(model) as router_logits:
             output = _token_scores(model, packed)
 
@@ -303,7 +322,7 @@ def warmup_forward(
             aux = router_load_balancing_loss(router_logits, top_k) if router_logits else 0.0
             result = pairwise_warmup_loss(scores[:m], scores[m:], aux_loss=aux, aux_coef=aux_coef)
             metrics = {name: _pair(value, m) for name, value in result.metrics.items()}
-            return result.loss * m, _count(m), metrics
+            return result.loss * m, _count(m, result.loss), metrics
 
         return output, loss_func
 

@@ -5,7 +5,7 @@ the same without gradients, and the actor logs the entropy (§8.9). All go throu
 either the logits or the final hidden states plus the output-layer weight, and works on the vocabulary shard that
 Megatron's output layer gives this tensor-parallel rank (vocab-parallel: no rank ever holds full-vocabulary logits).
 The math (temperature, chunking, the shard reductions and their gradients) is the plain-torch reference in
-`algorithms/logprobs.py`; the hidden-states path is where a fused linear log-prob kernel takes over on GPU.
+`algorithms/logprobs.py`; the hidden-states path runs the fused linear log-prob kernel (`prism_kernels`) on GPU.
 
 Inside a forward, `logprobs_output_processor` replaces the vocabulary projection of the last pipeline stage, so the
 model returns `(logprobs, entropy)` instead of logits:
@@ -29,8 +29,9 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.transformer_config import TransformerConfig
+from prism_kernels.linear_logprobs import fused_linear_logprobs_and_entropy
 
-from prism_mcore.algorithms.logprobs import linear_logprobs_and_entropy, logprobs_and_entropy
+from prism_mcore.algorithms.logprobs import logprobs_and_entropy
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def token_logprobs(
             logits.reshape(-1, shard_size), flat_targets, temperature=temperature, vocab_start=vocab_start, group=group
         )
     else:
-        logprobs, entropy = linear_logprobs_and_entropy(
+        # The fused Triton kernel on CUDA tensors (no [tokens x vocab] logits), the torch reference elsewhere.
+        logprobs, entropy = fused_linear_logprobs_and_entropy(
             hidden.reshape(-1, hidden.shape[-1]),
             output_weight,
             flat_targets,
