@@ -94,7 +94,8 @@ def run(config: Config) -> None:
         step_fn,
         log_keys=("loss", "val_loss", "grad_norm", "lr"),
     )
-    record = {"steps": total_steps, "data": stats.summary()}
+    # Conversations are built lazily, step by step, so these counts cover every epoch (a row used twice counts twice).
+    record = {"steps": total_steps, "conversations_built": stats.summary()}
     if heldout_batches:
         record["val_loss"] = validation_loss()
     export = save_hf(policy, ctx.stage_dir("hf", STAGE))
