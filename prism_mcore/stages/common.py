@@ -178,6 +178,7 @@ def update_summary(ctx: RunContext, stage: str, record: dict[str, Any]) -> None:
     path = ctx.run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {"stages": {}}
     summary["stages"][stage] = record
+    summary.setdefault("data", {}).update({name: stats.summary() for name, stats in ctx.data_stats.items()})
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(path)
