@@ -1,7 +1,7 @@
 """Process-group and model-parallel setup, seeding, device selection and shutdown.
 
 `init_distributed` works the same under `torchrun` (it reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
-MASTER_PORT) and as a plain single process (it makes a one-rank group on a free local port). With CUDA it uses NCCL
+MASTER_PORT) and as a plain single process (it makes a one-rank group with an in-memory store). With CUDA it uses NCCL
 and binds each rank to its local GPU; without CUDA it uses gloo and applies the CPU compatibility layer first, so the
 same Megatron code runs in both places. Model-parallel groups (TP, PP, EP, CP; DP is what remains) come from
 Megatron-Core's `parallel_state`.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -45,12 +44,6 @@ class DistEnv:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -82,21 +75,22 @@ def init_distributed(parallel: ParallelConfig | None = None, seed: int = 42) -> 
         compat.apply_cpu_patches()
     compat.install_te_import_workaround()
 
-    if "RANK" not in os.environ:  # a plain `python ...` run: one rank on this machine
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    launched = "RANK" in os.environ  # under torchrun; otherwise a plain `python ...` run, one rank
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        # A single process keeps its rendezvous in memory: no port to collide with a parent or sibling process,
+        # and nothing written to os.environ for child processes to inherit.
         dist.init_process_group(
             backend=backend,
             rank=rank,
             world_size=world_size,
             timeout=timedelta(minutes=parallel.timeout_minutes),
+            **({} if launched else {"store": dist.HashStore()}),
         )
 
     model_parallel = parallel.tensor * parallel.pipeline * parallel.context
