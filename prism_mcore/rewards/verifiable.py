@@ -6,8 +6,13 @@ For a response decoded with `skip_special_tokens=True`:
   score 0.2, accuracy 0, format 1;
 - otherwise the data source's judge decides the accuracy, and score = 0.8·accuracy + 0.2·format.
 
-Judges are looked up by `data_source`: `mm_gad` (the rule judge of §6.2, also used by the embedded synthetic task) and
-`math-77k` / `visual_logic-26k` (`math_verify_with_format`, §6.3). `register_judge` adds one. `reward_batch` scores
+Judges are looked up by `data_source`: `mm_gad` (the rule judge of §6.2, also used by the embedded synthetic task),
+`math-77k` / `visual_logic-26k` (`math_verify_with_format`, §6.3) and `hiyouga/geometry3k`, the released recipes'
+validation set. `register_judge` adds one.
+
+geo3k differs from the reference on purpose: there it is scored 0.9·acc + 0.1·format with mathruler's `grade_answer`,
+which hands model output to sympy's `parse_expr`, an `eval`. Here its accuracy comes from math-verify in a helper
+process with a time limit, and it is reported like every other source (accuracy and format-valid rate). `reward_batch` scores
 the samples of a rollout batch in place, on the calling thread or on a small thread pool.
 """
 
@@ -37,6 +42,7 @@ _JUDGES: dict[str, AccuracyJudge] = {
     "mm_gad": mm_gad_accuracy,
     "math-77k": math_verify_accuracy,
     "visual_logic-26k": math_verify_accuracy,
+    "hiyouga/geometry3k": math_verify_accuracy,
 }
 
 
