@@ -63,6 +63,33 @@ class PackedBatch:
         """This batch with every tensor on `device`."""
         return replace(self, **{k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)})
 
+    def padded_to_multiple(self, multiple: int, pad_token_id: int) -> PackedBatch:
+        """This batch with its last sequence extended by `pad_token_id` tokens, without a loss, to a token count
+        divisible by `multiple` (sequence parallelism splits the tokens over the TP ranks; FP8 GEMMs want 16).
+
+        Causal attention keeps the padding out of every real token's view, and sequence boundaries, scored tokens
+        and the number of sequences stay as they were. Positions, when present, continue the last sequence's text
+        positions. Per-token outputs of the padded batch are `[1, T']`; the first T are this batch's.
+        """
+        pad = -self.num_tokens % multiple
+        if pad == 0:
+            return self
+        cu_seqlens = self.cu_seqlens.clone()
+        cu_seqlens[-1] += pad
+        position_ids = None
+        if self.position_ids is not None:
+            after_last = self.position_ids[:, :, -1:].amax(dim=0, keepdim=True) + 1
+            steps = torch.arange(pad, device=self.position_ids.device).view(1, 1, pad)
+            position_ids = torch.cat([self.position_ids, (after_last + steps).expand(3, 1, pad)], dim=2)
+        return replace(
+            self,
+            input_ids=torch.nn.functional.pad(self.input_ids, (0, pad), value=pad_token_id),
+            labels=torch.nn.functional.pad(self.labels, (0, pad), value=IGNORE_INDEX),
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max(self.max_seqlen, int(cu_seqlens[-1] - cu_seqlens[-2])),
+            position_ids=position_ids,
+        )
+
     def sequence_position_ids(self) -> torch.Tensor:
         """`[1, T]`: 0..L_i-1 within each sequence."""
         starts = self.cu_seqlens[:-1].long()

@@ -35,9 +35,11 @@ _EXPORTS = {
     "last_token_scores": "discriminator",
     "last_token_scores_packed": "discriminator",
     "packed_seq_params": "inputs",
+    "padding_token_id": "inputs",
     "record_router_logits": "router",
     "router_load_balancing_loss": "router",
     "save_hf": "export",
+    "token_multiple": "inputs",
 }
 __all__ = list(_EXPORTS)
 

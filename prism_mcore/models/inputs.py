@@ -14,13 +14,21 @@ A padded batch `[b, s]` can also be fed as is (`model(input_ids=ids, pixel_value
 is right-padded: causal attention keeps pads out of every real token's view. Left- or mixed-padded batches must be
 packed with `data.batching.pack_padded`, which works for any padding side; `unpack_to_padded` puts per-token outputs
 back.
+
+Sequence parallelism splits a micro-batch's tokens over the TP ranks, so their count must divide evenly, and TE's FP8
+GEMMs want a multiple of 16: `token_multiple(config)` says what the model needs and
+`PackedBatch.padded_to_multiple(token_multiple(config), padding_token_id(config))` pads the last sequence to it
+(`training.forward` does this for every Megatron forward step).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Any
 
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from prism_mcore.data.batching import PackedBatch
 
@@ -48,3 +56,19 @@ def forward_kwargs(batch: PackedBatch) -> dict[str, Any]:
         "pixel_values": batch.pixel_values,
         "image_grid_thw": batch.image_grid_thw,
     }
+
+
+def token_multiple(config: TransformerConfig) -> int:
+    """The number of tokens a packed micro-batch must be a multiple of: the TP size under sequence parallelism (the
+    bridge's Qwen3-VL-MoE turns it on whenever TP > 1), 16 with FP8, else 1."""
+    multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+    if config.fp8:
+        multiple = math.lcm(multiple, 16)
+    return multiple
+
+
+def padding_token_id(config: TransformerConfig) -> int:
+    """A text token to pad with: the smallest id that is none of the model's vision tokens."""
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    vision = {getattr(config, name, None) for name in names}
+    return next(token for token in itertools.count() if token not in vision)

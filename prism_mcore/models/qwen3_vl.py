@@ -29,7 +29,7 @@ from megatron.bridge.models.qwen_vl.qwen3_vl_provider import Qwen3VLModelProvide
 from megatron.core.transformer.enums import AttnBackend
 
 from prism_mcore.config.schema import ModelConfig, ParallelConfig
-from prism_mcore.models.specs import Backend, language_layer_spec, patch_merger_spec, vision_layer_spec
+from prism_mcore.models.specs import Backend, language_block_spec, patch_merger_spec, vision_layer_spec
 from prism_mcore.runtime.compat import has_transformer_engine
 
 # The vision blocks of every released Qwen3-VL use tanh-GELU, which is what the bridge's vision config implements.
@@ -60,10 +60,11 @@ class PrismQwen3VLModel(Qwen3VLModel):
         post_process: bool,
         vp_stage: int | None = None,
     ) -> None:
+        pp_rank = config._pg_collection.pp.rank() if config._pg_collection is not None else None
         # add_encoder=False skips the parent's vision tower, which is hard-wired to Transformer Engine modules.
         super().__init__(
             language_transformer_config=config,
-            language_transformer_layer_spec=language_layer_spec(backend, config.num_moe_experts),
+            language_transformer_layer_spec=language_block_spec(backend, config, vp_stage, pp_rank),
             vision_transformer_config=config.vision_config,
             pre_process=pre_process,
             post_process=post_process,
@@ -215,5 +216,8 @@ def configure_provider(
         # Packed micro-batches differ in length, so pipeline stages must exchange shapes before activations. Set
         # after finalize(): Megatron's check against the allgather MoE dispatcher fires for dense models too.
         if is_moe and provider.moe_token_dispatcher_type == "allgather":
-            raise ValueError("pipeline parallelism of MoE models needs model.moe_token_dispatcher='alltoall'")
+            raise ValueError(
+                "pipeline parallelism of MoE models needs model.moe_token_dispatcher='alltoall', which needs CUDA; "
+                "on CPU use tensor, expert or data parallelism"
+            )
         provider.variable_seq_lengths = True

@@ -31,6 +31,8 @@ from megatron.core.models.vision.vit_layer_specs import (
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from prism_mcore.models.attention import SDPAttention
 from prism_mcore.models.router import RecordingTopKRouter
@@ -50,6 +52,41 @@ def resolve_backend(requested: str) -> Backend:
     return requested  # type: ignore[return-value]
 
 
+class SequenceParallelTorchNorm:
+    """Megatron's torch LayerNorm/RMSNorm (`WrappedTorchNorm`), allowed under sequence parallelism.
+
+    Megatron refuses torch norms with sequence parallelism only because nothing marks their weights for the gradient
+    sum over the tensor-parallel group that sequence-sharded activations need. A norm works token by token, so its
+    forward on a sequence shard is the same; this one sets `sequence_parallel` on its parameters, and Megatron's
+    `finalize_model_grads` then sums their gradients over the TP ranks, as it does for Transformer Engine's norms.
+    Needed because the bridge's Qwen3-VL-MoE turns sequence parallelism on whenever TP > 1.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"normalization {config.normalization!r} is not supported by the sdpa backend")
+        norm = norms[config.normalization](hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def language_block_spec(
+    backend: Backend, config: TransformerConfig, vp_stage: int | None, pp_rank: int | None
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """The decoder of this pipeline stage: `language_layer_spec` layers and the final norm.
+
+    On TE this is the layer spec (Megatron adds TE's final norm). On sdpa the final norm is named too, so that it,
+    like the layers' norms, is a `SequenceParallelTorchNorm`.
+    """
+    layer = language_layer_spec(backend, config.num_moe_experts)
+    if backend == "te":
+        return layer
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=SequenceParallelTorchNorm)
+
+
 def language_layer_spec(backend: Backend, num_experts: int | None) -> ModuleSpec:
     """Qwen3 decoder layer: RMSNorm, QK-norm, SwiGLU MLP or an MoE block (routers record logits on request)."""
     if backend == "te":
@@ -62,6 +99,9 @@ def language_layer_spec(backend: Backend, num_experts: int | None) -> ModuleSpec
             num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
         )
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = SequenceParallelTorchNorm
+        spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     if num_experts is not None:
         moe = spec.submodules.mlp  # partial(MoELayer, submodules=MoESubmodules(...))
         spec.submodules.mlp = partial(

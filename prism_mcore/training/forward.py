@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_model_config
 from prism_kernels.discriminator_loss import fused_discriminator_loss
 from torch.nn.utils.rnn import pad_sequence
 
@@ -37,7 +39,13 @@ from prism_mcore.algorithms import (
     policy_loss,
 )
 from prism_mcore.data.batching import PackedBatch
-from prism_mcore.models import forward_kwargs, record_router_logits, router_load_balancing_loss
+from prism_mcore.models import (
+    forward_kwargs,
+    padding_token_id,
+    record_router_logits,
+    router_load_balancing_loss,
+    token_multiple,
+)
 from prism_mcore.training.logprobs import LogProbRequest, logprobs_output_processor
 
 LossTriple = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
@@ -121,10 +129,6 @@ def sequence_rows(
     return padded, row_mask
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _on_device(batch: Any, device: torch.device) -> Any:
     """A copy of a micro-batch dataclass with every tensor (including a nested PackedBatch's) on `device`."""
     moved = {}
@@ -138,6 +142,30 @@ def _on_device(batch: Any, device: torch.device) -> Any:
     return dataclasses.replace(batch, **moved)
 
 
+def _padded(batch: Any, config: TransformerConfig) -> Any:
+    """`batch` with its packed tokens padded to the multiple the model's layout needs (`models.token_multiple`);
+    a `TokenBatch`'s per-token tensors are padded alike, with no loss on the padding."""
+    packed = batch if isinstance(batch, PackedBatch) else batch.packed
+    padded = packed.padded_to_multiple(token_multiple(config), padding_token_id(config))
+    if padded is packed:
+        return batch
+    if isinstance(batch, PackedBatch):
+        return padded
+    extra = padded.num_tokens - packed.num_tokens
+    per_token = {}
+    if isinstance(batch, TokenBatch):
+        for name in ("targets", "loss_mask", "advantages", "rollout_logprobs"):
+            value = getattr(batch, name)
+            per_token[name] = None if value is None else torch.nn.functional.pad(value, (0, extra))
+    return dataclasses.replace(batch, packed=padded, **per_token)
+
+
+def _prepare(batch: Any, model: torch.nn.Module) -> Any:
+    """A micro-batch ready for `model`: on its device, padded for its layout."""
+    batch = _on_device(batch, next(model.parameters()).device)
+    return _padded(batch, get_model_config(model))
+
+
 def _policy_forward_output(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> Any:
     return model(
         **forward_kwargs(batch.packed),
@@ -148,7 +176,7 @@ def _policy_forward_output(model: torch.nn.Module, batch: TokenBatch, temperatur
 
 def sft_forward(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
     """Negative log-likelihood of the assistant tokens, as a global token mean."""
-    batch = _on_device(next(data_iterator), _device_of(model))
+    batch = _prepare(next(data_iterator), model)
     output = _policy_forward_output(model, batch, temperature=1.0)
 
     def loss_func(output: tuple[torch.Tensor, torch.Tensor]) -> LossTriple:
@@ -173,7 +201,7 @@ def policy_forward(
     """
 
     def forward_step(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-        batch = _on_device(next(data_iterator), _device_of(model))
+        batch = _prepare(next(data_iterator), model)
         output = _policy_forward_output(model, batch, temperature)
 
         def loss_func(output: tuple[torch.Tensor, torch.Tensor]) -> LossTriple:
@@ -248,7 +276,7 @@ def _read_scores(token_scores: torch.Tensor, packed: PackedBatch) -> torch.Tenso
 
 def score_forward(data_iterator: Iterator[PackedBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
     """Forward-only scoring of segments (eval mode): returns the scores as the `scores` entry of the metrics."""
-    packed = _on_device(next(data_iterator), _device_of(model))
+    packed = _prepare(next(data_iterator), model)
     output = _token_scores(model, packed)
 
     def loss_func(token_scores: torch.Tensor) -> LossTriple:
@@ -280,7 +308,7 @@ def discriminator_forward(
     """D's alignment loss: pairwise Bradley-Terry on caption and CoT, fallback, L2 regulariser; no aux loss (§8.8)."""
 
     def forward_step(data_iterator: Iterator[DiscriminatorBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-        batch = _on_device(next(data_iterator), _device_of(model))
+        batch = _prepare(next(data_iterator), model)
         output = _token_scores(model, batch.packed)
 
         def loss_func(token_scores: torch.Tensor) -> LossTriple:
@@ -312,14 +340,18 @@ def warmup_forward(
     """D's warmup loss on a micro-batch packing m teacher segments then the m paired student segments (§2.5)."""
 
     def forward_step(data_iterator: Iterator[PackedBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-        packed = _on_device(next(data_iterator), _device_of(model))
+        unpadded = next(data_iterator)
+        packed = _prepare(unpadded, model)
         with record_router_logits(model) as router_logits:
             output = _token_scores(model, packed)
+        real_tokens = None  # the layout's padding tokens stay out of the router statistics
+        if packed.num_tokens != unpadded.num_tokens:
+            real_tokens = (torch.arange(packed.num_tokens, device=packed.input_ids.device) < unpadded.num_tokens)[None]
 
         def loss_func(token_scores: torch.Tensor) -> LossTriple:
             scores = _read_scores(token_scores, packed)
             m = scores.numel() // 2
-            aux = router_load_balancing_loss(router_logits, top_k) if router_logits else 0.0
+            aux = router_load_balancing_loss(router_logits, top_k, real_tokens) if router_logits else 0.0
             result = pairwise_warmup_loss(scores[:m], scores[m:], aux_loss=aux, aux_coef=aux_coef)
             metrics = {name: _pair(value, m) for name, value in result.metrics.items()}
             return result.loss * m, _count(m, result.loss), metrics

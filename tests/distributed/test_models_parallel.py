@@ -6,6 +6,8 @@ One worker launch per layout checks everything at once (tests/distributed/worker
   a perturbed model written with `save_hf` (transformers reloads it) and as a dist checkpoint;
 * EP=2, Qwen3-VL-MoE (4 experts, top-2) with different tokens on each rank: logits, router logits, the reference
   aux loss, discriminator scores, bit-exact export with fused experts, a perturbed discriminator dist checkpoint;
+* TP=2, Qwen3-VL-MoE with sequence parallelism (the bridge turns it on with TP): packed batches of an even and an
+  odd token count (padded to the TP size), logits, aux loss, discriminator scores and the value head's gradient;
 * one rank reloads the TP=2 policy and EP=2 discriminator checkpoints: same logits and scores.
 """
 
@@ -26,6 +28,7 @@ LAYOUTS = {
     "tp2": ["--model", "dense", "--tp", "2"],
     "pp2": ["--model", "dense", "--pp", "2"],
     "ep2": ["--model", "moe", "--ep", "2"],
+    "moe_tp2": ["--model", "moe", "--tp", "2"],
 }
 TOL = 1e-4
 
@@ -86,6 +89,15 @@ def test_moe_and_discriminator_with_expert_parallelism(runs) -> None:
     for rank in runs["ep2"]:
         assert rank["logits"] <= TOL and rank["router_logits"] <= TOL and rank["scores"] <= TOL
         assert rank["aux_loss"] == pytest.approx(rank["hf_aux_loss"], rel=1e-5)
+
+
+def test_moe_with_tensor_and_sequence_parallelism(runs) -> None:
+    for rank in runs["moe_tp2"]:
+        assert rank["sequence_parallel"] is True
+        assert rank["padded_tokens_even"] == 36 and rank["padded_tokens_odd"] == 36  # 23 + 13; 23 + 12 + 1 pad
+        for name in ("even", "odd"):
+            assert rank[f"logits_{name}"] <= TOL and rank[f"aux_loss_{name}"] <= 1e-6
+        assert rank["scores"] <= TOL and rank["head_grad"] <= TOL
 
 
 def test_checkpoints_reshard_to_one_rank(runs) -> None:

@@ -3,7 +3,7 @@ killed with SIGKILL in the middle of alignment and started again with the same c
 
 Checks that every stage ran and left its export and evaluation, that every logged metric is finite, that the
 restarted run skipped the finished stages and resumed alignment from its last checkpoint, and that the run folder
-ends with the summary, the plot and the config.
+ends with the summary, the plot and the config. A second, shorter run goes through all stages on two ranks at TP=2.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.torchrun import free_port
 
 SHORT = [
     "sft.max_steps=6",
@@ -105,3 +107,25 @@ def test_restart_skips_finished_stages_and_resumes_alignment(killed_and_resumed:
     assert "sft: already done, skipped" in output
     assert "warmup: already done, skipped" in output
     assert "align: resumed from" in output
+
+
+@pytest.mark.distributed
+def test_the_stages_run_at_tensor_parallel_size_two(tmp_path: Path) -> None:
+    """Two ranks at TP=2: the MoE discriminator then runs with sequence parallelism, on padded micro-batches."""
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "-m", "prism_mcore", "run", "--recipe", "embedded", f"run.output_dir={run_dir}", "parallel.tensor=2",
+        *SHORT, "sft.max_steps=2", "align.steps=2",
+    ]  # fmt: skip
+    env = {**_env(), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary["stages"]) == ["sft", "warmup", "align", "rlvr"]
+    records = _metrics(run_dir)
+    assert [r["step"] for r in records if r["stage"] == "align"] == [1, 2]
+    for record in records:
+        for key, value in record.items():
+            assert value is not None and (not isinstance(value, float) or math.isfinite(value)), (record, key)

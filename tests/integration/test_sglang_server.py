@@ -6,7 +6,6 @@ weights, no server at all)."""
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from tests.rollout_support import (
     sglang_schema_errors,
     teacher_forced_logprobs,
 )
+from tests.torchrun import free_port
 
 PARAMS = SamplingParams(n=2, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=24, seed=100)
 LOGPROB_TOLERANCE = 1e-4
@@ -180,12 +180,6 @@ def test_weight_updates_need_an_open_session(server: ServerProcess) -> None:
     assert closed.status_code == 400 and "no weight-update session is open" in closed.json()["message"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.parametrize("transport", ["disk", "tensor", "distributed"])
 def test_weight_sync_changes_what_the_server_samples(
     transport: str, embedded: EmbeddedAssets, prompts: list[Sample], tmp_path: Path
@@ -198,7 +192,7 @@ def test_weight_sync_changes_what_the_server_samples(
         "tensor": lambda: TensorWeightSync(bucket_bytes=2 * 1024**2),  # several buckets
         # The NCCL transport's protocol over gloo: the CPU server joins gloo groups.
         "distributed": lambda: DistributedWeightSync(
-            master_address="127.0.0.1", master_port=_free_port(), backend="gloo", bucket_bytes=2 * 1024**2
+            master_address="127.0.0.1", master_port=free_port(), backend="gloo", bucket_bytes=2 * 1024**2
         ),
     }[transport]()
     with running_server(embedded.policy_path, tmp_path / "server.log") as server:

@@ -3,6 +3,8 @@ the policy-loss fraction the train step divides, and the report table."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from prism_mcore.algorithms import policy_loss_preset
 from prism_mcore.data.batching import pack_token_ids
 from prism_mcore.report import comparison, stage_table
 from prism_mcore.stages.common import batch_for_step
-from prism_mcore.training.forward import policy_loss_fraction, sequence_rows, token_batch
+from prism_mcore.training.forward import _padded, policy_loss_fraction, sequence_rows, token_batch
 
 
 def test_batch_for_step_is_a_resumable_function_of_the_step() -> None:
@@ -43,6 +45,33 @@ def test_token_batch_places_advantages_and_rollout_logprobs_on_predicting_positi
     torch.testing.assert_close(batch.rollout_logprobs, torch.tensor([[0.0, -0.1, -0.2, 0.0, -0.3, 0.0]]))
     with pytest.raises(ValueError, match="sequence 1: 2 rollout log-probs for 1 tokens"):
         token_batch(packed, advantages=[0.5, -1.0], rollout_logprobs=[[-0.1, -0.2], [-0.3, -0.4]])
+
+
+def test_a_token_batch_is_padded_for_sequence_parallelism_without_changing_its_loss() -> None:
+    packed = pack_token_ids([torch.tensor([5, 6, 7, 8]), torch.tensor([9, 10, 11])])
+    packed.labels = torch.tensor([[-100, -100, 7, 8, -100, 10, 11]])
+    batch = token_batch(packed, advantages=[0.5, -1.0], rollout_logprobs=[[-0.1, -0.2], [-0.3, -0.4]])
+    layout = SimpleNamespace(  # TP=2 with sequence parallelism; token 0 is the image token, so 1 pads
+        tensor_model_parallel_size=2, sequence_parallel=True, fp8=None, image_token_id=0, vision_start_token_id=2
+    )
+    padded = _padded(batch, layout)
+    assert padded.packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 1]]
+    assert padded.loss_mask.tolist() == [batch.loss_mask[0].tolist() + [False]]
+    assert padded.advantages.tolist() == [batch.advantages[0].tolist() + [0.0]]
+    assert padded.rollout_logprobs.tolist() == [batch.rollout_logprobs[0].tolist() + [0.0]]
+    assert padded.targets.tolist() == [batch.targets[0].tolist() + [0]]
+    # The policy loss reads the same rows from the padded batch.
+    logprobs = -torch.rand(1, 8)
+    for name in ("loss_mask", "advantages"):
+        rows, mask = sequence_rows(getattr(padded, name), padded.loss_mask, padded.packed.cu_seqlens)
+        expected, expected_mask = sequence_rows(getattr(batch, name), batch.loss_mask, batch.packed.cu_seqlens)
+        assert torch.equal(rows, expected) and torch.equal(mask, expected_mask)
+    rows, _ = sequence_rows(logprobs, padded.loss_mask, padded.packed.cu_seqlens)
+    expected, _ = sequence_rows(logprobs[:, :7], batch.loss_mask, batch.packed.cu_seqlens)
+    assert torch.equal(rows, expected)
+    # FP8 wants 16 tokens; without sequence parallelism or FP8 nothing changes.
+    assert _padded(batch, SimpleNamespace(**{**vars(layout), "fp8": "hybrid"})).packed.num_tokens == 16
+    assert _padded(batch, SimpleNamespace(**{**vars(layout), "sequence_parallel": False})) is batch
 
 
 def test_policy_loss_fraction_weights_microbatches_as_the_reference() -> None:

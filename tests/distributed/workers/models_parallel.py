@@ -7,6 +7,9 @@ folder that transformers reloads.
 `--model moe` (EP): MoE logits and router logits (+ the reference aux loss) with a different input on each rank, so
 tokens are dispatched to experts on the other rank; the discriminator's scores against transformers' hidden states
 times the head; the export stream; a perturbed discriminator saved as a dist checkpoint.
+`--model moe --tp 2`: TP turns on sequence parallelism for the MoE models (as the bridge does); packed batches of an
+even and of an odd token count (padded to the TP size) against transformers: logits, the aux loss from the gathered
+router logits (padding masked out), discriminator scores, and gradients of a scalar of the scores.
 `--reload DENSE_CKPT,MOE_CKPT` (one process): loads those checkpoints into TP=PP=EP=1 models and reports outputs.
 
 Heavy imports live in `main()`: dist-checkpointing spawns a helper process that re-imports this file.
@@ -42,6 +45,8 @@ def main() -> None:
         result = reload(args, model_cfg, parallel)
     elif args.model == "dense":
         result = check_dense(args, model_cfg, parallel)
+    elif args.tp > 1:
+        result = check_moe_sequence_parallel(args, model_cfg, parallel)
     else:
         result = check_moe(args, model_cfg, parallel)
     write_rank_result(args.out, result)
@@ -219,6 +224,64 @@ def check_moe(args, model_cfg, parallel) -> dict:
         check = image_text_inputs()
         result["perturbed_scores"] = disc.chunks[0](**check)[0, :, 0].tolist()
     save_model_checkpoint(disc, Path(args.save) / "disc_ckpt")
+    return result
+
+
+def check_moe_sequence_parallel(args, model_cfg, parallel) -> dict:
+    import torch
+    from megatron.core.utils import get_model_config
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from prism_mcore.algorithms.moe_aux import load_balancing_loss
+    from prism_mcore.data.batching import pack_token_ids
+    from prism_mcore.models import (
+        build_discriminator,
+        build_policy,
+        forward_kwargs,
+        padding_token_id,
+        record_router_logits,
+        router_load_balancing_loss,
+        token_multiple,
+    )
+    from prism_mcore.record import ImageInputs
+    from tests.unit.models.tiny_checkpoints import hf_forward, image_text_inputs, text_inputs
+
+    hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(
+        args.moe, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    image_text = image_text_inputs()  # 23 tokens
+    images = ImageInputs(image_text["pixel_values"], image_text["image_grid_thw"])
+    result = {}
+    policy = build_policy(model_cfg, parallel, path=args.moe).eval()
+    config = get_model_config(policy.chunks[0])
+    result["sequence_parallel"] = config.sequence_parallel
+    for name, text_length in (("even", 13), ("odd", 12)):
+        text = text_inputs(length=text_length)
+        batch = pack_token_ids([image_text["input_ids"][0], text["input_ids"][0]], [images, None])
+        padded = batch.padded_to_multiple(token_multiple(config), padding_token_id(config))
+        real = torch.arange(padded.num_tokens) < batch.num_tokens
+        references = [hf_forward(hf, x, output_router_logits=True) for x in (image_text, text)]
+        with torch.no_grad(), record_router_logits(policy.chunks) as router_logits:
+            logits = policy.chunks[0](**forward_kwargs(padded), runtime_gather_output=True)
+        result[f"padded_tokens_{name}"] = padded.num_tokens
+        result[f"logits_{name}"] = max_diff(logits[0, : batch.num_tokens], torch.cat([r.logits[0] for r in references]))
+        ours = router_load_balancing_loss(router_logits, top_k=2, token_mask=real[None]).item()
+        per_layer = [torch.cat(layer) for layer in zip(*(r.router_logits for r in references), strict=True)]
+        result[f"aux_loss_{name}"] = abs(ours - load_balancing_loss(per_layer, top_k=2).item())
+    del policy
+
+    disc = build_discriminator(model_cfg, parallel, path=args.moe)
+    disc.chunks[0].eval()  # no dropout in the head: scores are deterministic
+    head = disc.chunks[0].language_model.output_layer.weight
+    scores = disc.chunks[0](**forward_kwargs(padded))[0, : batch.num_tokens, 0]
+    with torch.no_grad():
+        hidden = torch.cat([hf_forward(hf.model, x).last_hidden_state[0] for x in (image_text, text)])
+    result["scores"] = max_diff(scores, (hidden @ head.T)[:, 0])
+    # A scalar of the real tokens' scores: the head's gradient is the sum of the scored hidden states, so it checks
+    # the sequence-parallel gather's backward (a split, not a reduction).
+    (scores * torch.linspace(-1, 1, scores.numel())).sum().backward()
+    expected = (hidden * torch.linspace(-1, 1, scores.numel())[:, None]).sum(0)
+    result["head_grad"] = max_diff(head.grad[0], expected)
     return result
 
 

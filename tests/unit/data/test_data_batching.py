@@ -69,6 +69,26 @@ def test_pack_concatenates_sequences_with_boundaries() -> None:
     )
 
 
+def test_padding_to_a_multiple_extends_the_last_sequence_without_a_loss() -> None:
+    first = toy([1, 2, 3], [IGNORE_INDEX, 2, 3], images=1, score_index=2)
+    second = toy([4, 5], [IGNORE_INDEX, 5], images=0, score_index=1)
+    batch = pack_sequences([first, second])
+    assert batch.padded_to_multiple(5, pad_token_id=0) is batch  # 5 tokens already
+    padded = batch.padded_to_multiple(4, pad_token_id=0)
+    assert padded.input_ids.tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]
+    assert padded.labels.tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5] + [IGNORE_INDEX] * 3]
+    assert padded.cu_seqlens.tolist() == [0, 3, 8] and padded.cu_seqlens.dtype == torch.int32
+    assert (padded.num_sequences, padded.max_seqlen) == (2, 5)
+    assert padded.score_indices.tolist() == [2, 4]
+    # The padding continues the last sequence as text: one past its largest last position (12), on all three rows.
+    assert padded.position_ids[:, 0].tolist() == [[0, 10, 20, 0, 10, 13, 14, 15], [1, 11, 21, 1, 11, 13, 14, 15],
+                                                  [2, 12, 22, 2, 12, 13, 14, 15]]  # fmt: skip
+    assert torch.equal(padded.pixel_values, batch.pixel_values)
+    # Packed without positions (the model derives them), the padding is plain tokens of the last sequence.
+    bare = pack_token_ids([torch.tensor([7, 8, 9])]).padded_to_multiple(2, pad_token_id=1)
+    assert bare.input_ids.tolist() == [[7, 8, 9, 1]] and bare.position_ids is None
+
+
 def test_packed_token_ids_leave_positions_to_the_model_and_shift_targets_within_sequences() -> None:
     images = ImageInputs(torch.ones(4, 2), torch.tensor([[1, 2, 2]]))
     batch = pack_token_ids([torch.tensor([1, 2, 3]), torch.tensor([4, 5])], [None, images])
