@@ -143,7 +143,8 @@ def fp8_settings(fp8: str, backend: Backend) -> dict[str, str]:
     weights and activations, e5m2 for gradients), with delayed scaling (amax history) or current per-tensor scaling
     (Megatron's `tensorwise`, TE >= 2.2). The vision tower, the output layer and the value head stay in bf16: the
     bridge's vision config does not inherit `fp8`, and Megatron's output layer is outside the FP8 layer contexts.
-    TE's FP8 GEMMs need the token count of a micro-batch to be a multiple of 8 (16 for some recipes).
+    TE's FP8 GEMMs need the token count of a micro-batch to be a multiple of 16: the forward steps pad to it
+    (`inputs.token_multiple`).
     Refused, with one line naming the setting, without transformer-engine or on the torch SDPA backend.
     """
     if fp8 == "none":
