@@ -55,4 +55,5 @@ mg_flags=(--no-deps)
 "${pip[@]}" "${mg_flags[@]}" -r requirements/megatron.txt
 
 echo "$stamp" > "$VENV/.prism_stamp"
-echo "[install] done: $("$VENV/bin/python" -W ignore -c 'import torch, megatron.core, transformers; print("torch", torch.__version__, "| megatron-core", megatron.core.__version__, "| transformers", transformers.__version__)')"
+# Versions from the installed distributions (megatron.core.__version__ appends the git hash of the working directory).
+echo "[install] done: $("$VENV/bin/python" -W ignore -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "megatron-core", "megatron-bridge", "transformers")))')"
