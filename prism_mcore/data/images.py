@@ -12,7 +12,9 @@ per image (PRISM_SPEC §7: images go through the policy's processor):
 
 `image_backend="auto"` takes DALI when it is installed and CUDA is present (on CPU it is no faster than PIL) and `hf`
 otherwise. Before either backend runs, every image's header is checked: unreadable files, images smaller than one
-merged patch, over `max_input_pixels`, or with an aspect ratio the processor rejects each raise one `DataError`.
+merged patch, over `max_input_pixels`, or with an aspect ratio the processor rejects each raise one `DataError`,
+naming the image by the field it came from (`images[i]` unless the caller names the fields: a warmup row's `image`,
+a renamed SFT column).
 
 The warmup stage additionally shrinks images so the long side is at most 560 (PRISM_SPEC §2.5, §8.6):
 `ImageConfig.max_long_side` does that first resize, with Lanczos and truncated sizes as the reference does.
@@ -149,13 +151,21 @@ def load_image_processor(path: str | Path) -> Qwen2VLImageProcessorPil:
     return Qwen2VLImageProcessorPil.from_pretrained(str(path))
 
 
-def open_image(data: bytes, index: int, geometry: ImageGeometry, config: ImageConfig) -> Image.Image:
+def image_fields(count: int, fields: Sequence[str] | None) -> Sequence[str]:
+    """The field each of `count` images is reported under: `fields` as given, by default `images[0]`, `images[1]`..."""
+    if fields is None:
+        return [f"images[{index}]" for index in range(count)]
+    if len(fields) != count:
+        raise ValueError(f"{len(fields)} field names for {count} images")
+    return fields
+
+
+def open_image(data: bytes, field: str, geometry: ImageGeometry, config: ImageConfig) -> Image.Image:
     """Open (header only) and check one encoded image; returns the lazily decoded PIL image.
 
-    Raises `DataError` naming `images[index]` when the file is not an image, is smaller than one merged patch on a
-    side, has more than `max_input_pixels`, or has an aspect ratio over 200.
+    Raises `DataError` naming `field` when the file is not an image, is smaller than one merged patch on a side, has
+    more than `max_input_pixels`, or has an aspect ratio over 200.
     """
-    field = f"images[{index}]"
     try:
         # PIL's own decompression-bomb check is a warning up to twice its limit; ours is the limit that counts.
         with warnings.catch_warnings():
@@ -186,11 +196,12 @@ def open_image(data: bytes, index: int, geometry: ImageGeometry, config: ImageCo
 
 
 class ImageProcessor(Protocol):
-    """Encoded image files of one sample -> their patches. Raises `DataError` (field `images[i]`) for bad images."""
+    """Encoded image files of one sample -> their patches. Raises `DataError` for bad images, naming the image's
+    entry of `fields` (the record fields the images came from; by default `images[i]`)."""
 
     geometry: ImageGeometry
 
-    def __call__(self, images: Sequence[bytes]) -> ImageInputs: ...
+    def __call__(self, images: Sequence[bytes], fields: Sequence[str] | None = None) -> ImageInputs: ...
 
 
 class HFImageProcessor:
@@ -201,16 +212,14 @@ class HFImageProcessor:
         self.config = config
         self.geometry = ImageGeometry.from_processor(processor, config)
 
-    def __call__(self, images: Sequence[bytes]) -> ImageInputs:
+    def __call__(self, images: Sequence[bytes], fields: Sequence[str] | None = None) -> ImageInputs:
         decoded = []
-        for index, data in enumerate(images):
-            image = open_image(data, index, self.geometry, self.config)
+        for data, field in zip(images, image_fields(len(images), fields), strict=True):
+            image = open_image(data, field, self.geometry, self.config)
             try:
                 image.load()
             except (OSError, ValueError) as error:
-                raise DataError(
-                    IMAGE_UNREADABLE, f"image data is corrupt ({error})", field=f"images[{index}]"
-                ) from None
+                raise DataError(IMAGE_UNREADABLE, f"image data is corrupt ({error})", field=field) from None
             height, width = self.geometry.prescaled_size(image.height, image.width)
             if (height, width) != (image.height, image.width):
                 image = image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
@@ -278,10 +287,11 @@ class DaliImageProcessor:
         built.build()
         return built
 
-    def __call__(self, images: Sequence[bytes]) -> ImageInputs:
+    def __call__(self, images: Sequence[bytes], fields: Sequence[str] | None = None) -> ImageInputs:
+        fields = image_fields(len(images), fields)
         sizes = []
-        for index, data in enumerate(images):
-            image = open_image(data, index, self.geometry, self.config)
+        for data, field in zip(images, fields, strict=True):
+            image = open_image(data, field, self.geometry, self.config)
             sizes.append(self.geometry.prescaled_size(image.height, image.width))
         patches: list[torch.Tensor] = []
         grids: list[tuple[int, int, int]] = []
@@ -301,7 +311,8 @@ class DaliImageProcessor:
                 # The message is the pipeline definition's traceback; the decoder's cause is its last other line.
                 lines = [line for line in str(error).splitlines() if line.strip() and "no longer valid" not in line]
                 message = f"DALI could not decode the images of this sample ({lines[-1].strip()})"
-                raise DataError(IMAGE_UNREADABLE, message, field="images") from None
+                # The run does not say which image failed: the error names every image of the chunk.
+                raise DataError(IMAGE_UNREADABLE, message, field=", ".join(fields[i] for i in chunk)) from None
             for position, (height, width) in enumerate(resized):
                 # DALI reuses its output buffers on the next run, so the patches must be a copy.
                 image = torch.from_dlpack(normalised[position])

@@ -76,6 +76,7 @@ class SftExample:
     origin: RowOrigin
     messages: list[ChatMessage]
     images: list[bytes]  # encoded image files, one per `<image>` placeholder
+    images_column: str = "images"  # the column they came from (a dataset_info.json may rename it), for errors
 
 
 @dataclass
@@ -383,7 +384,7 @@ def parse_sft_row(row: Mapping[str, Any], context: RowContext, columns: Sharegpt
     messages = _sharegpt_messages(row, columns, context)
     images = _images(row.get(columns.images), columns.images, context)
     _check_placeholders(messages, images, columns.messages, context)
-    return SftExample(context.origin, messages, images)
+    return SftExample(context.origin, messages, images, images_column=columns.images)
 
 
 def open_sft(path: str | Path, dataset: str | None = None) -> RecordReader[SftExample]:

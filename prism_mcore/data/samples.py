@@ -244,7 +244,10 @@ class SampleBuilder:
             tail_ids = self.encode(text[cursor:])
             ids += tail_ids
             labels += [IGNORE_INDEX] * len(tail_ids)
-            image_inputs = self.images(example.images) if example.images else None
+            image_inputs = None
+            if example.images:
+                fields = [f"{example.images_column}[{index}]" for index in range(len(example.images))]
+                image_inputs = self.images(example.images, fields)
             ids, labels = self._expand_image_tokens(ids, labels, image_inputs)
             if len(ids) > self.limits.max_sequence_length:
                 ids, labels = self._truncate_sft(ids, labels)
@@ -263,10 +266,15 @@ class SampleBuilder:
 
     # --- alignment / RL prompts -----------------------------------------------------------------------------
 
-    def _prompt(self, messages: list[ChatMessage], images: list[bytes]) -> tuple[list[int], ImageInputs | None]:
-        """Prompt ids (ending with the assistant header) and image inputs; over-long prompts are filtered."""
+    def _prompt(
+        self, messages: list[ChatMessage], images: list[bytes], image_fields: Sequence[str] | None = None
+    ) -> tuple[list[int], ImageInputs | None]:
+        """Prompt ids (ending with the assistant header) and image inputs; over-long prompts are filtered.
+
+        `image_fields` name the images in errors (by default `images[i]`).
+        """
         ids = self.encode(self.render(self.with_system_prompt(messages), add_generation_prompt=True))
-        image_inputs = self.images(images) if images else None
+        image_inputs = self.images(images, image_fields) if images else None
         ids, _ = self._expand_image_tokens(ids, [IGNORE_INDEX] * len(ids), image_inputs)
         limit = self.limits.max_prompt_length
         if len(ids) > limit:
@@ -362,7 +370,7 @@ class SampleBuilder:
             content = IMAGE_PLACEHOLDER + content  # the reference puts the image before the prompt text
         images = [] if example.image is None else [example.image]
         with located(example.origin.file, example.origin.row):
-            prompt_ids, image_inputs = self._prompt([ChatMessage("user", content)], images)
+            prompt_ids, image_inputs = self._prompt([ChatMessage("user", content)], images, ["image"])
             pairs = []
             for pair in example.pairs:
                 teacher, teacher_cut = self._text_segment_ids(pair.kind, pair.teacher, f"teacher_{pair.kind}")

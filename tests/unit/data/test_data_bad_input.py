@@ -105,6 +105,7 @@ CASES = {
     ),
     "missing teacher CoT": Case("align", prompt(teacher_cot=None), errors.MISSING_FIELD, "teacher_cot"),
     "missing student CoT": Case("warmup", warmup(student_cot=None), errors.MISSING_FIELD, "student_cot"),
+    "warmup image too small": Case("warmup", warmup(image="tiny.png"), errors.IMAGE_TOO_SMALL, "image"),
     "prompt over the limit": Case(
         "align",
         prompt(prompt=[{"role": "user", "content": "<image>\n" + "many words " * 60}]),
@@ -185,6 +186,27 @@ def test_bad_row_is_skipped_and_counted(
     assert (stats.read, stats.kept, dict(stats.skipped)) == (2, 1, {case.reason: 1})
     assert ", row 1" in stats.first_skipped[case.reason]
     assert stats.summary() == f"read 2, kept 1, truncated 0, skipped 1 ({case.reason}: 1)"
+
+
+def test_renamed_image_column_is_named(data_dir: Path, builder: SampleBuilder) -> None:
+    """A dataset_info.json that renames the images column: the image pipeline's errors name that column."""
+    row = {"dialog": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}], "pictures": ["tiny.png"]}
+    (data_dir / "dialogs.jsonl").write_text(json.dumps(row) + "\n")
+    entry = {
+        "file_name": "dialogs.jsonl",
+        "formatting": "sharegpt",
+        "columns": {"messages": "dialog", "images": "pictures"},
+    }
+    (data_dir / "dataset_info.json").write_text(json.dumps({"mine": entry}))
+    with pytest.raises(DataError) as raised:
+        builder.sft_sequence(open_sft(data_dir, dataset="mine")[0])
+    error = raised.value
+    assert (error.reason, error.file, error.row, error.field) == (
+        errors.IMAGE_TOO_SMALL,
+        str(data_dir / "dialogs.jsonl"),
+        0,
+        "pictures[0]",
+    )
 
 
 def test_sft_truncation_cuts_the_tail_and_counts(data_dir: Path, builder: SampleBuilder) -> None:

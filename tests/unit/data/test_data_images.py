@@ -12,7 +12,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from prism_mcore.data import images as images_module
-from prism_mcore.data.errors import IMAGE_UNREADABLE, DataError
+from prism_mcore.data.errors import IMAGE_TOO_SMALL, IMAGE_UNREADABLE, DataError
 from prism_mcore.data.images import (
     DaliImageProcessor,
     HFImageProcessor,
@@ -116,8 +116,24 @@ def test_dali_reports_a_corrupt_image_and_keeps_working(
     good = make_image(64, 64)
     with pytest.raises(DataError) as raised:
         backend([good, good[:2000]])
-    assert (raised.value.reason, raised.value.field) == (IMAGE_UNREADABLE, "images")
+    # DALI does not say which image of the run failed, so the error names them all.
+    assert (raised.value.reason, raised.value.field) == (IMAGE_UNREADABLE, "images[0], images[1]")
     assert backend([good]).image_grid_thw.tolist() == [[1, 4, 4]]
+
+
+def test_image_errors_name_the_given_fields(
+    hf_image_processor: Qwen2VLImageProcessorPil, make_image: Callable[..., bytes]
+) -> None:
+    backend = HFImageProcessor(hf_image_processor, ImageConfig())
+    good, tiny = make_image(64, 64), make_image(20, 40)
+    with pytest.raises(DataError) as raised:
+        backend([good, tiny])
+    assert (raised.value.reason, raised.value.field) == (IMAGE_TOO_SMALL, "images[1]")  # the default names
+    with pytest.raises(DataError) as raised:
+        backend([good, tiny], ["pictures[0]", "pictures[1]"])
+    assert raised.value.field == "pictures[1]"
+    with pytest.raises(ValueError, match="1 field names for 2 images"):
+        backend([good, tiny], ["image"])
 
 
 def test_dali_requested_without_dali_is_one_clear_error(

@@ -120,6 +120,7 @@ def test_sft_dataset_info_renames_columns_and_tags(tmp_path: Path, png: bytes) -
     example = open_sft(tmp_path, dataset="mine")[0]
     assert example.messages == [ChatMessage("user", "<image>Q"), ChatMessage("assistant", "A")]
     assert example.images == [png]
+    assert example.images_column == "pictures"  # what later errors about the images name
 
 
 def test_embedded_sft_through_its_dataset_info(embedded: EmbeddedAssets) -> None:
