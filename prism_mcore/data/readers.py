@@ -76,7 +76,9 @@ class SftExample:
     origin: RowOrigin
     messages: list[ChatMessage]
     images: list[bytes]  # encoded image files, one per `<image>` placeholder
-    images_column: str = "images"  # the column they came from (a dataset_info.json may rename it), for errors
+    # The columns they came from (a dataset_info.json may rename them), for errors found after reading.
+    messages_column: str = "messages"
+    images_column: str = "images"
 
 
 @dataclass
@@ -384,7 +386,7 @@ def parse_sft_row(row: Mapping[str, Any], context: RowContext, columns: Sharegpt
     messages = _sharegpt_messages(row, columns, context)
     images = _images(row.get(columns.images), columns.images, context)
     _check_placeholders(messages, images, columns.messages, context)
-    return SftExample(context.origin, messages, images, images_column=columns.images)
+    return SftExample(context.origin, messages, images, columns.messages, columns.images)
 
 
 def open_sft(path: str | Path, dataset: str | None = None) -> RecordReader[SftExample]:

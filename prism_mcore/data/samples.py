@@ -169,14 +169,18 @@ class SampleBuilder:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _expand_image_tokens(
-        self, ids: list[int], labels: list[int], image_inputs: ImageInputs | None
+        self, ids: list[int], labels: list[int], image_inputs: ImageInputs | None, field: str
     ) -> tuple[list[int], list[int]]:
-        """Replace the i-th `<|image_pad|>` by as many copies as image i has merged patches (labels: ignored)."""
+        """Replace the i-th `<|image_pad|>` by as many copies as image i has merged patches (labels: ignored).
+
+        `field` is the record field the text came from, which a count mismatch names.
+        """
         grids = [] if image_inputs is None else image_inputs.image_grid_thw.tolist()
         pads = ids.count(self.image_token_id)
         if pads != len(grids):
             # One pad per image item is all the template writes; more means the text itself spells the token.
-            raise DataError(IMAGE_COUNT_MISMATCH, f"the rendered text has {pads} {IMAGE_PAD} for {len(grids)} images")
+            message = f"the rendered text has {pads} {IMAGE_PAD} for {len(grids)} images"
+            raise DataError(IMAGE_COUNT_MISMATCH, message, field=field)
         counts = iter(self.images.geometry.num_image_tokens(grid) for grid in grids)
         expanded_ids: list[int] = []
         expanded_labels: list[int] = []
@@ -248,14 +252,14 @@ class SampleBuilder:
             if example.images:
                 fields = [f"{example.images_column}[{index}]" for index in range(len(example.images))]
                 image_inputs = self.images(example.images, fields)
-            ids, labels = self._expand_image_tokens(ids, labels, image_inputs)
+            ids, labels = self._expand_image_tokens(ids, labels, image_inputs, example.messages_column)
             if len(ids) > self.limits.max_sequence_length:
-                ids, labels = self._truncate_sft(ids, labels)
+                ids, labels = self._truncate_sft(ids, labels, example.messages_column)
         return self._sequence(ids, image_inputs, labels=labels)
 
-    def _truncate_sft(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    def _truncate_sft(self, ids: list[int], labels: list[int], field: str) -> tuple[list[int], list[int]]:
         limit = self.limits.max_sequence_length
-        too_long = DataError(TOO_LONG, f"{len(ids)} tokens, over max_sequence_length={limit}", field="messages")
+        too_long = DataError(TOO_LONG, f"{len(ids)} tokens, over max_sequence_length={limit}", field=field)
         if self.limits.over_length == "filter":
             raise too_long
         # A cut must keep every image token (an image cannot be fed in part) and at least one target.
@@ -275,7 +279,7 @@ class SampleBuilder:
         """
         ids = self.encode(self.render(self.with_system_prompt(messages), add_generation_prompt=True))
         image_inputs = self.images(images, image_fields) if images else None
-        ids, _ = self._expand_image_tokens(ids, [IGNORE_INDEX] * len(ids), image_inputs)
+        ids, _ = self._expand_image_tokens(ids, [IGNORE_INDEX] * len(ids), image_inputs, "prompt")
         limit = self.limits.max_prompt_length
         if len(ids) > limit:
             raise DataError(TOO_LONG, f"prompt is {len(ids)} tokens, over max_prompt_length={limit}", field="prompt")

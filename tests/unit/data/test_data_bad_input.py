@@ -89,6 +89,19 @@ CASES = {
         errors.IMAGE_COUNT_MISMATCH,
         "messages",
     ),
+    # One placeholder per image, but the text itself spells the image token: found when the images are expanded.
+    "SFT text spelling the image token": Case(
+        "sft",
+        sft(messages=[{"role": "user", "content": "<image>\nIs <|image_pad|> a token?"}, GOOD_SFT["messages"][1]]),
+        errors.IMAGE_COUNT_MISMATCH,
+        "messages",
+    ),
+    "prompt text spelling the image token": Case(
+        "align",
+        prompt(prompt=[{"role": "user", "content": "<image>\nIs <|image_pad|> a token?"}]),
+        errors.IMAGE_COUNT_MISMATCH,
+        "prompt",
+    ),
     "missing messages": Case("sft", {"images": ["good.png"]}, errors.MISSING_FIELD, "messages"),
     "messages of the wrong type": Case("sft", sft(messages="hello"), errors.WRONG_TYPE, "messages"),
     "content of the wrong type": Case("sft", sft(messages=assistant(42)), errors.WRONG_TYPE, "messages[1].content"),
@@ -188,9 +201,19 @@ def test_bad_row_is_skipped_and_counted(
     assert stats.summary() == f"read 2, kept 1, truncated 0, skipped 1 ({case.reason}: 1)"
 
 
-def test_renamed_image_column_is_named(data_dir: Path, builder: SampleBuilder) -> None:
-    """A dataset_info.json that renames the images column: the image pipeline's errors name that column."""
-    row = {"dialog": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}], "pictures": ["tiny.png"]}
+@pytest.mark.parametrize(
+    ("question", "image", "reason", "field"),
+    [
+        ("<image>Q", "tiny.png", errors.IMAGE_TOO_SMALL, "pictures[0]"),
+        ("<image>Is <|image_pad|> a token?", "good.png", errors.IMAGE_COUNT_MISMATCH, "dialog"),
+    ],
+)
+def test_renamed_columns_are_named(
+    data_dir: Path, builder: SampleBuilder, question: str, image: str, reason: str, field: str
+) -> None:
+    """A dataset_info.json that renames the columns: errors found after reading (by the image pipeline, when the
+    images are expanded) name the file's own columns."""
+    row = {"dialog": [{"from": "human", "value": question}, {"from": "gpt", "value": "A"}], "pictures": [image]}
     (data_dir / "dialogs.jsonl").write_text(json.dumps(row) + "\n")
     entry = {
         "file_name": "dialogs.jsonl",
@@ -201,12 +224,7 @@ def test_renamed_image_column_is_named(data_dir: Path, builder: SampleBuilder) -
     with pytest.raises(DataError) as raised:
         builder.sft_sequence(open_sft(data_dir, dataset="mine")[0])
     error = raised.value
-    assert (error.reason, error.file, error.row, error.field) == (
-        errors.IMAGE_TOO_SMALL,
-        str(data_dir / "dialogs.jsonl"),
-        0,
-        "pictures[0]",
-    )
+    assert (error.reason, error.file, error.row, error.field) == (reason, str(data_dir / "dialogs.jsonl"), 0, field)
 
 
 def test_sft_truncation_cuts_the_tail_and_counts(data_dir: Path, builder: SampleBuilder) -> None:
