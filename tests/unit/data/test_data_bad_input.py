@@ -197,7 +197,9 @@ def test_bad_row_is_skipped_and_counted(
     built, stats = run(case, data_dir, on_error, tokenizer, hf_image_processor)
     assert len(built) == 1
     assert (stats.read, stats.kept, dict(stats.skipped)) == (2, 1, {case.reason: 1})
-    assert ", row 1" in stats.first_skipped[case.reason]
+    # The skip record is the error's text, which starts with its location.
+    location = f"{data_dir / case.kind}.jsonl, row 1" + ("" if case.field is None else f", field {case.field!r}")
+    assert stats.first_skipped[case.reason].startswith(f"{location}: ")
     assert stats.summary() == f"read 2, kept 1, truncated 0, skipped 1 ({case.reason}: 1)"
 
 
