@@ -33,7 +33,6 @@ _EXPORTS = {
     "forward_kwargs": "inputs",
     "iter_hf_weights": "export",
     "last_token_scores": "discriminator",
-    "last_token_scores_packed": "discriminator",
     "packed_seq_params": "inputs",
     "padding_token_id": "inputs",
     "record_router_logits": "router",

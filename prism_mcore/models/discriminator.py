@@ -14,8 +14,9 @@ no lm_head: its HF export omits `lm_head.weight` (transformers then initialises 
 loaded as a `Qwen3VLMoeForConditionalGeneration`).
 
 Reading scores: `last_token_scores` takes the last *non-pad* token of each row of a padded batch, whatever the padding
-side (the reference's padding-side guess from `attention_mask[0, 0]` is the ⚠ of §2.5); `last_token_scores_packed`
-takes the last token of each `cu_seqlens` segment of a packed batch.
+side (the reference's padding-side guess from `attention_mask[0, 0]` is the ⚠ of §2.5). A packed batch is read at
+its `score_indices` (`training.forward`), which padding the batch to a token multiple leaves in place; its last
+`cu_seqlens` segment then ends in pad tokens, so segment ends are not the scored tokens.
 """
 
 from __future__ import annotations
@@ -118,12 +119,3 @@ def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> tor
     positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     last = torch.where(mask, positions, -1).amax(dim=1)
     return scores.gather(1, last[:, None]).squeeze(1)
-
-
-def last_token_scores_packed(scores: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Score at the last token of each packed sequence: scores `[t]`, `[1, t]` or `[1, t, 1]`, offsets `[n+1]` -> `[n]`."""
-    flat = scores.reshape(-1)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if bool((lengths <= 0).any()):
-        raise ValueError("packed batch has an empty sequence")
-    return flat[cu_seqlens[1:].long() - 1]

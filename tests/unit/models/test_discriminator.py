@@ -11,7 +11,7 @@ import torch
 
 from prism_mcore.config.schema import ParallelConfig
 from prism_mcore.data.batching import pack_padded
-from prism_mcore.models import build_discriminator, forward_kwargs, last_token_scores, last_token_scores_packed, save_hf
+from prism_mcore.models import build_discriminator, forward_kwargs, last_token_scores, save_hf
 from prism_mcore.models.discriminator import VALUE_HEAD_HF_NAME, ValueHead
 from tests.unit.models.conftest import FP32_SDPA
 from tests.unit.models.tiny_checkpoints import VOCAB, hf_forward, image_text_inputs, text_inputs
@@ -91,7 +91,7 @@ def test_last_token_scores_any_padding_side() -> None:
         last_token_scores(scores, torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]))
 
 
-def test_packed_scores_read_at_each_sequence_end(discriminator) -> None:
+def test_packed_scores_equal_single_sequence_scores(discriminator) -> None:
     image_text, text = image_text_inputs(), text_inputs(length=9)
     width = image_text["input_ids"].shape[1] + 1
     ids = torch.zeros(2, width, dtype=torch.long)
@@ -99,11 +99,11 @@ def test_packed_scores_read_at_each_sequence_end(discriminator) -> None:
     ids[0, 1:], mask[0, 1:] = image_text["input_ids"][0], 1  # left padding
     ids[1, :9], mask[1, :9] = text["input_ids"][0], 1  # right padding
     batch = pack_padded(ids, mask, image_text["pixel_values"], image_text["image_grid_thw"])
+    ends = batch.cu_seqlens[1:].long() - 1  # not padded to a token multiple: each sequence ends at its last token
     with torch.no_grad():
-        packed = last_token_scores_packed(discriminator.chunks[0](**forward_kwargs(batch)), batch.cu_seqlens)
+        packed = discriminator.chunks[0](**forward_kwargs(batch))[0, ends, 0]
         single = [discriminator.chunks[0](**x)[0, -1, 0] for x in (image_text, text)]
     torch.testing.assert_close(packed, torch.stack(single), rtol=0, atol=1e-6)
-    assert last_token_scores_packed(torch.arange(6.0), torch.tensor([0, 2, 6])).tolist() == [1.0, 5.0]
 
 
 def test_dense_checkpoint_is_rejected(runtime, dense_dir: Path) -> None:
