@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
     "triton>=3.4",
     "datasets>=4.0",
     "pyarrow>=14",
-    "math-verify[antlr4_13_2]==0.9.0",
+    "math-verify[antlr4_9_3]==0.9.0",  # antlr 4.9.3: the runtime omegaconf and hydra-core pin
     "safetensors>=0.5",
     "pillow>=10",
     "numpy>=1.26",
