@@ -9,8 +9,10 @@ tokens are dispatched to experts on the other rank; the discriminator's scores a
 times the head; the export stream; a perturbed discriminator saved as a dist checkpoint.
 `--model moe --tp 2`: TP turns on sequence parallelism for the MoE models (as the bridge does); packed batches of an
 even and of an odd token count (padded to the TP size) against transformers: logits, the aux loss from the gathered
-router logits (padding masked out), discriminator scores, and gradients of a scalar of the scores.
-`--reload DENSE_CKPT,MOE_CKPT` (one process): loads those checkpoints into TP=PP=EP=1 models and reports outputs.
+router logits (padding masked out), discriminator scores, and gradients of a scalar of the scores; then a perturbed
+discriminator saved as a dist checkpoint.
+`--reload DENSE_CKPT,DISC_CKPT[,DISC_CKPT...]` (one process): loads those checkpoints into TP=PP=EP=1 models and
+reports the policy's logits and each discriminator's scores.
 
 Heavy imports live in `main()`: dist-checkpointing spawns a helper process that re-imports this file.
 """
@@ -84,6 +86,16 @@ def max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
+def perturb(chunks) -> None:
+    """A deterministic, layout-independent change of every weight (a reloaded checkpoint must not match the source)."""
+    import torch
+
+    with torch.no_grad():
+        for chunk in chunks:
+            for param in chunk.parameters():
+                param.mul_(1.01).add_(0.001)
+
+
 def check_dense(args, model_cfg, parallel) -> dict:
     import torch
     from megatron.core import parallel_state
@@ -155,10 +167,7 @@ def check_dense(args, model_cfg, parallel) -> dict:
     result["export_names_equal"] = sorted(exported) == sorted(source)
     result["export_mismatches"] = sorted(n for n in source if n in exported and not torch.equal(exported[n], source[n]))
 
-    with torch.no_grad():  # a deterministic, layout-independent change of every weight
-        for chunk in policy.chunks:
-            for param in chunk.parameters():
-                param.mul_(1.01).add_(0.001)
+    perturb(policy.chunks)
     policy.eval()
     with torch.no_grad():
         perturbed = run(policy.chunks, {**image_text, "runtime_gather_output": True})
@@ -219,8 +228,7 @@ def check_moe(args, model_cfg, parallel) -> dict:
         scores = disc.chunks[0](**inputs)
         hidden = hf_forward(hf.model, inputs).last_hidden_state
         result["scores"] = max_diff(scores, hidden @ head.T)
-        for param in disc.chunks[0].parameters():
-            param.mul_(1.01).add_(0.001)
+        perturb(disc.chunks)
         check = image_text_inputs()
         result["perturbed_scores"] = disc.chunks[0](**check)[0, :, 0].tolist()
     save_model_checkpoint(disc, Path(args.save) / "disc_ckpt")
@@ -244,6 +252,7 @@ def check_moe_sequence_parallel(args, model_cfg, parallel) -> dict:
         token_multiple,
     )
     from prism_mcore.record import ImageInputs
+    from prism_mcore.training.checkpoint import save_model_checkpoint
     from tests.unit.models.tiny_checkpoints import hf_forward, image_text_inputs, text_inputs
 
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(
@@ -282,6 +291,16 @@ def check_moe_sequence_parallel(args, model_cfg, parallel) -> dict:
     (scores * torch.linspace(-1, 1, scores.numel())).sum().backward()
     expected = (hidden * torch.linspace(-1, 1, scores.numel())[:, None]).sum(0)
     result["head_grad"] = max_diff(head.grad[0], expected)
+
+    # The perturbed D's scores of image+text alone (padded to the TP size), then its checkpoint, which holds the
+    # sequence-parallel norms and the value head: the reload run scores the same tokens at TP=1.
+    perturb(disc.chunks)
+    alone = pack_token_ids([image_text["input_ids"][0]], [images])
+    padded = alone.padded_to_multiple(token_multiple(config), padding_token_id(config))
+    with torch.no_grad():
+        scores = disc.chunks[0](**forward_kwargs(padded))
+    result["perturbed_scores"] = scores[0, : alone.num_tokens, 0].tolist()
+    save_model_checkpoint(disc, Path(args.save) / "disc_ckpt")
     return result
 
 
@@ -292,16 +311,21 @@ def reload(args, model_cfg, parallel) -> dict:
     from prism_mcore.training.checkpoint import load_model_checkpoint
     from tests.unit.models.tiny_checkpoints import image_text_inputs
 
-    dense_ckpt, moe_ckpt = args.reload.split(",")
+    dense_ckpt, *disc_ckpts = args.reload.split(",")
     inputs = image_text_inputs()
-    policy = build_policy(model_cfg, parallel, path=args.dense)
+    policy = build_policy(model_cfg, parallel, path=args.dense).eval()
     load_model_checkpoint(policy, dense_ckpt)
-    disc = build_discriminator(model_cfg, parallel, path=args.moe)
-    load_model_checkpoint(disc, moe_ckpt)
+    result = {"scores": []}
     with torch.no_grad():
-        logits = policy.eval().chunks[0](**inputs)
-        scores = disc.eval().chunks[0](**inputs)
-    return {"logits": logits[0].tolist(), "scores": scores[0, :, 0].tolist()}
+        result["logits"] = policy.chunks[0](**inputs)[0].tolist()
+    for disc_ckpt in disc_ckpts:
+        # A fresh model per checkpoint: the EP=2 and TP=2 ones hold the same weights, so a load that left the
+        # previous checkpoint's weights in place would go unnoticed.
+        disc = build_discriminator(model_cfg, parallel, path=args.moe).eval()
+        load_model_checkpoint(disc, disc_ckpt)
+        with torch.no_grad():
+            result["scores"].append(disc.chunks[0](**inputs)[0, :, 0].tolist())
+    return result
 
 
 if __name__ == "__main__":
