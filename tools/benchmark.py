@@ -570,8 +570,8 @@ def run_ours(
     """Build our model once per setting (plain, recompute, each FP8 recipe) and run the workloads' variants on it."""
     from prism_mcore.config.schema import ModelConfig, OptimConfig, ParallelConfig
     from prism_mcore.models import build_discriminator, build_policy
-    from prism_mcore.models.qwen3_vl import fp8_settings, resolve_dtype
-    from prism_mcore.models.specs import resolve_backend
+    from prism_mcore.models.backend import fp8_settings, resolve_backend
+    from prism_mcore.models.qwen3_vl import resolve_dtype
     from prism_mcore.training.step import build_optimizer, wrap_ddp
 
     # One model build per setting, and the variants measured on it.

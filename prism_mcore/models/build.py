@@ -30,9 +30,9 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from prism_mcore.config.schema import ModelConfig, ParallelConfig
+from prism_mcore.models.backend import resolve_backend
 from prism_mcore.models.discriminator import VALUE_HEAD_HF_NAME, DiscriminatorBridge, attach_value_head
 from prism_mcore.models.qwen3_vl import configure_provider, prism_provider, resolve_dtype
-from prism_mcore.models.specs import resolve_backend
 
 logger = logging.getLogger(__name__)
 

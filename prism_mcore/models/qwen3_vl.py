@@ -29,8 +29,8 @@ from megatron.bridge.models.qwen_vl.qwen3_vl_provider import Qwen3VLModelProvide
 from megatron.core.transformer.enums import AttnBackend
 
 from prism_mcore.config.schema import ModelConfig, ParallelConfig
-from prism_mcore.models.specs import Backend, language_block_spec, patch_merger_spec, vision_layer_spec
-from prism_mcore.runtime.compat import has_transformer_engine
+from prism_mcore.models.backend import Backend, fp8_settings
+from prism_mcore.models.specs import language_block_spec, patch_merger_spec, vision_layer_spec
 
 # The vision blocks of every released Qwen3-VL use tanh-GELU, which is what the bridge's vision config implements.
 _VISION_BLOCK_ACTIVATION = "gelu_pytorch_tanh"
@@ -44,9 +44,6 @@ _GPU_FUSIONS = (
     "gradient_accumulation_fusion",
     "moe_permute_fusion",
 )
-
-# ModelConfig.fp8 -> Megatron's fp8_recipe: "current" is per-tensor current scaling, which Megatron calls tensorwise.
-_FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}
 
 
 class PrismQwen3VLModel(Qwen3VLModel):
@@ -134,34 +131,6 @@ def resolve_dtype(requested: str) -> torch.dtype:
     if requested == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[requested]
-
-
-def fp8_settings(fp8: str, backend: Backend) -> dict[str, str]:
-    """The TransformerConfig fields of `model.fp8`; empty for "none".
-
-    FP8 runs the GEMMs of the language-model layers in Transformer Engine's FP8 (the `hybrid` format: e4m3 for
-    weights and activations, e5m2 for gradients), with delayed scaling (amax history) or current per-tensor scaling
-    (Megatron's `tensorwise`, TE >= 2.2). The vision tower, the output layer and the value head stay in bf16: the
-    bridge's vision config does not inherit `fp8`, and Megatron's output layer is outside the FP8 layer contexts.
-    TE's FP8 GEMMs need the token count of a micro-batch to be a multiple of 16: the forward steps pad to it
-    (`inputs.token_multiple`).
-    Refused, with one line naming the setting, without transformer-engine or on the torch SDPA backend.
-    """
-    if fp8 == "none":
-        return {}
-    if fp8 not in _FP8_RECIPES:
-        raise ValueError(f"model.fp8 must be none, delayed or current, got {fp8!r}")
-    if not has_transformer_engine():
-        raise ValueError(
-            f"model.fp8={fp8!r} needs transformer-engine, which is not installed: install it (PRISM_EXTRAS=gpu) "
-            "or set model.fp8=none"
-        )
-    if backend != "te":
-        raise ValueError(
-            f"model.fp8={fp8!r} needs Transformer Engine layers, but the {backend!r} backend was chosen: set "
-            "model.attention_backend to 'te' (or 'auto' on a GPU)"
-        )
-    return {"fp8": "hybrid", "fp8_recipe": _FP8_RECIPES[fp8]}
 
 
 def configure_provider(

@@ -6,16 +6,15 @@
 `sdpa` Megatron-Core's local modules (tensor-parallel linears, torch norms, per-expert MLPs) with `SDPAttention`
        (`models/attention.py`) as core attention: CPUs (tests, the embedded default) and GPUs without TE.
 
-`auto` (ModelConfig.attention_backend) picks `te` when CUDA and transformer-engine are both available. Megatron
-imports of TE-only classes are safe without TE (they are placeholders until instantiated), so both backends' specs can
-be described here; only the chosen one is ever built.
+`auto` (ModelConfig.attention_backend, resolved by `models/backend.py`) picks `te` when CUDA and transformer-engine
+are both available. Megatron imports of TE-only classes are safe without TE (they are placeholders until
+instantiated), so both backends' specs can be described here; only the chosen one is ever built.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from functools import partial
-from typing import Literal
 
 import torch
 from megatron.bridge.models.qwen_vl.modelling_qwen3_vl.utils import PatchMergerSubmodules
@@ -35,21 +34,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from prism_mcore.models.attention import SDPAttention
+from prism_mcore.models.backend import Backend
 from prism_mcore.models.router import RecordingTopKRouter
-from prism_mcore.runtime.compat import has_transformer_engine
-
-Backend = Literal["te", "sdpa"]
-
-
-def resolve_backend(requested: str) -> Backend:
-    """ModelConfig.attention_backend -> the backend to build ("auto": TE when CUDA and TE are both present)."""
-    if requested == "auto":
-        return "te" if torch.cuda.is_available() and has_transformer_engine() else "sdpa"
-    if requested == "te" and not has_transformer_engine():
-        raise ValueError("model.attention_backend='te' needs transformer-engine installed; use 'sdpa' or 'auto'")
-    if requested not in ("te", "sdpa"):
-        raise ValueError(f"model.attention_backend must be auto, te or sdpa, got {requested!r}")
-    return requested  # type: ignore[return-value]
 
 
 class SequenceParallelTorchNorm:

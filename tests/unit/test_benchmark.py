@@ -171,11 +171,11 @@ def test_both_implementations_compute_the_same_losses(bench, tmp_path: Path, mon
 
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
 def test_fp8_is_refused_without_transformer_engine(monkeypatch, tmp_path: Path, recipe: str) -> None:
-    from prism_mcore.models import build_policy, qwen3_vl
+    from prism_mcore.models import backend, build_policy
     from prism_mcore.runtime import init_distributed
     from tests.unit.models.tiny_checkpoints import write_dense
 
-    monkeypatch.setattr(qwen3_vl, "has_transformer_engine", lambda: False)
+    monkeypatch.setattr(backend, "has_transformer_engine", lambda: False)
     init_distributed(ParallelConfig(), seed=0)
     with pytest.raises(ValueError) as refusal:
         build_policy(ModelConfig(fp8=recipe), ParallelConfig(), path=write_dense(tmp_path))
@@ -185,11 +185,11 @@ def test_fp8_is_refused_without_transformer_engine(monkeypatch, tmp_path: Path, 
 
 
 def test_fp8_settings_with_transformer_engine(monkeypatch) -> None:
-    from prism_mcore.models import qwen3_vl
+    from prism_mcore.models import backend
 
-    monkeypatch.setattr(qwen3_vl, "has_transformer_engine", lambda: True)
-    assert qwen3_vl.fp8_settings("none", "sdpa") == {}
-    assert qwen3_vl.fp8_settings("delayed", "te") == {"fp8": "hybrid", "fp8_recipe": "delayed"}
-    assert qwen3_vl.fp8_settings("current", "te") == {"fp8": "hybrid", "fp8_recipe": "tensorwise"}
+    monkeypatch.setattr(backend, "has_transformer_engine", lambda: True)
+    assert backend.fp8_settings("none", "sdpa") == {}
+    assert backend.fp8_settings("delayed", "te") == {"fp8": "hybrid", "fp8_recipe": "delayed"}
+    assert backend.fp8_settings("current", "te") == {"fp8": "hybrid", "fp8_recipe": "tensorwise"}
     with pytest.raises(ValueError, match=r"^model.fp8='delayed' needs Transformer Engine layers.*'sdpa'"):
-        qwen3_vl.fp8_settings("delayed", "sdpa")
+        backend.fp8_settings("delayed", "sdpa")
