@@ -5,8 +5,9 @@ with the table of accuracy per stage and the training-curve plot; `sft`, `warmup
 `config` prints the resolved config; `recipes` lists the named recipes; `report DIR` prints a run's table again;
 `compare BASELINE_DIR PRISM_DIR` sets two runs' final accuracies side by side.
 The resolved config (embedded-default paths filled in) is saved as `<run.output_dir>/config.json` before any
-stage starts. Under `torchrun` every rank
-runs the same command.
+stage starts. Settings this machine cannot run (FP8 or `model.attention_backend=te` without Transformer Engine) are
+refused with one line, exit code 2, before any stage starts; `config` prints them without that check. Under
+`torchrun` every rank runs the same command.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def resolve_config(recipe: str, overrides: list[str]) -> Config:
     return apply_overrides(load_recipe(recipe), overrides)
 
 
+def check_model_settings(config: Config) -> None:
+    """Refuse, before any stage starts, a model backend or FP8 recipe this machine cannot build (e.g. no TE)."""
+    from prism_mcore.models.backend import fp8_settings, resolve_backend
+
+    try:
+        fp8_settings(config.model.fp8, resolve_backend(config.model.attention_backend))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def _stage_runner(stage: str):
     module_name = f"prism_mcore.stages.{stage}"
     if importlib.util.find_spec("prism_mcore.stages") is None or importlib.util.find_spec(module_name) is None:
@@ -91,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [stage for stage in stages if stage not in STAGES]
         if unknown:
             raise ConfigError(f"run.stages: unknown stage(s) {unknown}; allowed: {', '.join(STAGES)}")
+        check_model_settings(config)
         runners = [_stage_runner(stage) for stage in stages]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -91,3 +91,18 @@ def test_cli_bad_override_prints_one_line_and_fails(capsys: pytest.CaptureFixtur
 def test_cli_prints_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "--recipe", "embedded", "rollout.n=4"]) == 0
     assert json.loads(capsys.readouterr().out)["rollout"]["n"] == 4
+
+
+@pytest.mark.parametrize("override", ["model.fp8=delayed", "model.attention_backend=te"])
+def test_cli_refuses_settings_that_need_transformer_engine(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], override: str
+) -> None:
+    from prism_mcore import cli
+    from prism_mcore.models import backend
+
+    monkeypatch.setattr(backend, "has_transformer_engine", lambda: False)
+    monkeypatch.setattr(cli, "_stage_runner", lambda stage: pytest.fail(f"stage {stage} started"))
+    assert main(["sft", override]) == 2
+    err = capsys.readouterr().err.strip()
+    key = override.split("=")[0]
+    assert err.startswith(f"error: {key}=") and "transformer-engine" in err and "\n" not in err
