@@ -26,3 +26,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# From the repository root this folder is also importable as the bare `kernels`, the name of Hugging Face's kernels
+# library. transformers probes for that library (`is_kernels_available()`, e.g. when flash attention is requested but
+# missing): finding no distribution metadata it imports this package and parses its `__version__`, and "N/A" raises
+# InvalidVersion. A version below any transformers accepts makes the probe answer "not available".
+if __name__ == "kernels":
+    __version__ = "0"
