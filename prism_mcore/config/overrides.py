@@ -88,8 +88,11 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
 
 
-def _resolve(config: Any, dotted: str) -> tuple[Any, str, Any]:
-    """Walk `dotted` down the dataclass tree; return (parent object, field name, field type)."""
+def _resolve(config: Any, dotted: str, section: bool = False) -> tuple[Any, str, Any]:
+    """Walk `dotted` down the dataclass tree; return (parent object, field name, field type).
+
+    The key must name a value, or a section when `section` is set (a nested dict in a recipe file).
+    """
     parts = dotted.split(".")
     node = config
     for depth, part in enumerate(parts):
@@ -99,8 +102,11 @@ def _resolve(config: Any, dotted: str) -> tuple[Any, str, Any]:
             allowed = ", ".join(sorted(types_))
             raise ConfigError(f"unknown key {dotted!r}: {where} has no field {part!r} (allowed: {allowed})")
         if depth == len(parts) - 1:
-            if dataclasses.is_dataclass(getattr(node, part)):
+            is_section = dataclasses.is_dataclass(getattr(node, part))
+            if is_section and not section:
                 raise ConfigError(f"{dotted!r} is a section; set one of its fields, e.g. {dotted}.<field>=...")
+            if section and not is_section:
+                raise ConfigError(f"{dotted!r} is a value, not a section")
             return node, part, types_[part]
         node = getattr(node, part)
         if not dataclasses.is_dataclass(node):
@@ -124,18 +130,17 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
 
 
 def apply_dict(config: Any, values: dict[str, Any], prefix: str = "") -> Any:
-    """Apply a nested dict (e.g. a saved config.json) strictly: unknown keys are errors."""
+    """Apply a nested dict (e.g. a saved config.json) strictly: unknown keys are errors naming the dotted key.
+
+    `prefix` is the dotted section of `config` that `values` describes (empty: the whole config).
+    """
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict):
-            section = getattr(config, key, None)
-            if not dataclasses.is_dataclass(section):
-                _resolve(config, key)  # raises the unknown-key error with the allowed fields
-                raise ConfigError(f"{dotted!r} is a value, not a section")
-            apply_dict(section, value, prefix=f"{dotted}.")
+            _resolve(config, dotted, section=True)
+            apply_dict(config, value, prefix=f"{dotted}.")
         else:
-            parent, name, tp = _resolve(config, key)
-            setattr(parent, name, _coerce(dotted, value, tp))
+            set_value(config, dotted, value)
     return config
 
 

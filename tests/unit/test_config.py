@@ -66,8 +66,11 @@ def test_saved_config_reloads_identically(tmp_path: Path) -> None:
 
 def test_json_recipe_rejects_unknown_keys(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps({"rlvr": {"stepz": 3}}))
-    with pytest.raises(ConfigError, match="unknown key 'stepz': the config has no field|rlvr has no field 'stepz'"):
+    path.write_text(json.dumps({"align": {"stepz": 3}}))
+    with pytest.raises(ConfigError, match=r"^unknown key 'align\.stepz': align has no field 'stepz' \(allowed: "):
+        load_recipe(str(path))
+    path.write_text(json.dumps({"align": {"steps": {"n": 3}}}))
+    with pytest.raises(ConfigError, match=r"^'align\.steps' is a value, not a section$"):
         load_recipe(str(path))
 
 
