@@ -101,7 +101,10 @@ def init_distributed(parallel: ParallelConfig | None = None, seed: int = 42) -> 
         )
     dp = world_size // model_parallel
     if (dp * parallel.context) % parallel.expert:
-        raise ValueError(f"expert parallel size {parallel.expert} must divide data x context parallel = {dp}")
+        raise ValueError(
+            f"expert parallel size {parallel.expert} must divide data x context parallel = "
+            f"{dp} x {parallel.context} = {dp * parallel.context}"
+        )
 
     from megatron.core import parallel_state
 
