@@ -30,7 +30,7 @@ from prism_kernels.linear_logprobs import fused_linear_logprobs_and_entropy
 
 TABLE_HEADER = (
     "| date | device | kernel | shape | dtype | triton ms | torch ms | speed-up | triton peak MiB | torch peak MiB "
-    "| torch / triton | command |\n"
+    "| versions | command |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 )
 
@@ -129,7 +129,7 @@ def device_label(device: torch.device) -> str:
 
 def benchmark_rows(sizes: Sizes, repeats: int, device: torch.device, command: str) -> list[str]:
     date = datetime.date.today().isoformat()
-    versions = f"{torch.__version__} / {importlib.metadata.version('triton')}"
+    versions = f"torch {torch.__version__}, triton {importlib.metadata.version('triton')}"
     rows = []
     for make_case in (logprob_case, advantage_case, discriminator_case):
         torch.manual_seed(0)

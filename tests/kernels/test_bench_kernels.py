@@ -1,14 +1,17 @@
-"""tools/bench_kernels.py runs on CPU at tiny sizes and appends well-formed rows to the file it is given."""
+"""tools/bench_kernels.py runs on CPU at tiny sizes and appends well-formed rows (with versions) to the file it is
+given; BENCHMARKS.md's kernel table has the tool's header, so rows land in it."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
 
 import torch
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_kernels.py"
+REPO = Path(__file__).resolve().parents[2]
+TOOL = REPO / "tools" / "bench_kernels.py"
 
 
 def _load_tool(monkeypatch):
@@ -31,9 +34,15 @@ def test_bench_appends_one_row_per_kernel(tmp_path, monkeypatch):
     rows = [line for line in text.splitlines() if line.startswith("| 20")]
     assert len(rows) == 6
     expected_device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
+    versions = f"torch {torch.__version__}, triton {importlib.metadata.version('triton')}"
     for row, kernel in zip(rows, ["linear_logprobs", "alignment_advantage", "discriminator_loss"] * 2, strict=True):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert len(cells) == 12
         assert cells[1] == expected_device and cells[2] == kernel
         assert float(cells[5]) > 0 and float(cells[6]) > 0
+        assert cells[10] == versions
         assert cells[11] == "`python tools/bench_kernels.py --tiny --repeats 1 --out " + str(out) + "`"
+
+
+def test_benchmarks_md_kernel_table_has_the_tools_header(monkeypatch):
+    assert _load_tool(monkeypatch).TABLE_HEADER in (REPO / "BENCHMARKS.md").read_text()
