@@ -2,6 +2,8 @@
 
 Distributed tests compare a parallel layout (TP/PP/EP/DP) with the single-process run of the same worker. A worker
 writes one JSON file per rank into the folder given as `--out`; `run_torchrun` returns those dicts by rank.
+The workers see no GPU, so they run on gloo and CPU on any machine (with CUDA visible, two ranks on a one-GPU machine
+would pick NCCL and fail to set device 1).
 """
 
 from __future__ import annotations
@@ -23,11 +25,17 @@ def free_port() -> int:
 def run_torchrun(
     script: str | Path, nproc: int, out_dir: Path, args: list[str] = (), timeout: float = 600
 ) -> list[dict]:
-    """Launch `script` on `nproc` local ranks; fail with the ranks' output if any rank fails."""
+    """Launch `script` on `nproc` local CPU ranks; fail with the ranks' output if any rank fails."""
     out_dir.mkdir(parents=True, exist_ok=True)
     repo = str(Path(__file__).resolve().parent.parent)  # workers import `tests.torchrun` and the package
     pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": pythonpath}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "PYTHONPATH": pythonpath,
+        "CUDA_VISIBLE_DEVICES": "",  # gloo/CPU tests; see the module docstring
+    }
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
