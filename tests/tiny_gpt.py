@@ -50,13 +50,26 @@ def forward_step(data_iterator, model):
     return output, loss_func
 
 
-def microbatches(step: int, dp_rank: int, dp_size: int) -> list[dict[str, torch.Tensor]]:
-    """This DP rank's micro-batches of the global batch of `step` (a deterministic function of the step)."""
+def microbatches(step: int, dp_rank: int, dp_size: int, split: str = "even") -> list:
+    """This DP rank's micro-batches of the global batch of `step` (a deterministic function of the step).
+
+    `split` deals the global batch's micro-batches to the DP ranks: `even` (equal shares), `uneven` (the last rank
+    takes one micro-batch, the others share the rest) or `empty` (the last rank takes none and passes a `Filler`).
+    """
+    from prism_mcore.training.step import Filler
+
     generator = torch.Generator().manual_seed(1000 + step % 2)  # two batches alternate: the loss must fall
     tokens = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=generator)
-    per_rank = GLOBAL_BATCH // dp_size
-    mine = tokens[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    return [
-        {"tokens": mine[i : i + MICRO_BATCH, :-1], "labels": mine[i : i + MICRO_BATCH, 1:]}
-        for i in range(0, per_rank, MICRO_BATCH)
+    batches = [
+        {"tokens": tokens[i : i + MICRO_BATCH, :-1], "labels": tokens[i : i + MICRO_BATCH, 1:]}
+        for i in range(0, GLOBAL_BATCH, MICRO_BATCH)
     ]
+    last = dp_rank == dp_size - 1
+    if split == "even" or dp_size == 1:
+        per_rank = len(batches) // dp_size
+        return batches[dp_rank * per_rank : (dp_rank + 1) * per_rank]
+    kept = len(batches) - (1 if split == "uneven" else 0)  # micro-batches of the ranks before the last
+    if last:
+        return batches[kept:] or [Filler(batches[0])]
+    per_rank = kept // (dp_size - 1)
+    return batches[dp_rank * per_rank : (dp_rank + 1) * per_rank]

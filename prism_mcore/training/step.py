@@ -128,13 +128,68 @@ def _reduce_metrics(per_microbatch: list[dict[str, torch.Tensor]]) -> dict[str, 
     return {name: (totals[i, 0] / totals[i, 1]).item() if totals[i, 1] > 0 else 0.0 for i, name in enumerate(names)}
 
 
+@dataclass(frozen=True)
+class Filler:
+    """A micro-batch that runs but adds nothing: `batch` goes forward (and backward), and its loss, denominator and
+    metrics are multiplied by zero.
+
+    Every data-parallel rank must make the same number of forward passes in a step: the MoE layers' token dispatch
+    pairs the expert-parallel ranks up pass by pass, and a rank with no data must still join the gradient
+    reduction. `_run_schedule` tops up a rank that has fewer micro-batches than another with fillers (copies of
+    its first micro-batch); a rank whose share of the batch is empty passes one filler built from any sample.
+    """
+
+    batch: Any
+
+
+def real_count(microbatches: list[Any]) -> int:
+    return sum(not isinstance(batch, Filler) for batch in microbatches)
+
+
+def _equalized(microbatches: list[Any]) -> list[Any]:
+    """`microbatches` followed by fillers up to the largest count on any data-parallel rank (a collective)."""
+    if not microbatches:
+        raise ValueError("no micro-batch on this rank: a rank with an empty share passes a Filler")
+    count = torch.tensor([len(microbatches)], device="cuda" if torch.cuda.is_available() else "cpu")
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    first = microbatches[0]
+    spare = first if isinstance(first, Filler) else Filler(first)
+    return microbatches + [spare] * (int(count) - len(microbatches))
+
+
+def _with_fillers(forward_step: ForwardStep) -> ForwardStep:
+    """`forward_step` that runs a `Filler`'s batch with a zero loss (gradients of zero, nothing counted).
+
+    Its metrics stay, as zeros, so that every rank joins the metric reduction with the same names."""
+
+    def step(data_iterator: Iterator[Any], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+        item = next(data_iterator)
+        if not isinstance(item, Filler):
+            return forward_step(iter([item]), model)
+        output, loss_func = forward_step(iter([item.batch]), model)
+
+        def zero_loss(output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+            numerator, denominator, metrics = loss_func(output_tensor)
+            return numerator * 0, denominator * 0, {name: value * 0 for name, value in metrics.items()}
+
+        return output, zero_loss
+
+    return step
+
+
 def _run_schedule(
     models: list[torch.nn.Module], forward_step: ForwardStep, microbatches: list[Any], forward_only: bool
 ) -> list[Any]:
-    """All micro-batches through Megatron's schedule (pipelined when PP > 1). Packed micro-batches vary in length,
-    so pipeline stages exchange shapes (`variable_seq_lengths`) and `seq_length`/`micro_batch_size` are unused."""
+    """All micro-batches through Megatron's schedule (pipelined when PP > 1), with fillers so that every
+    data-parallel rank runs as many as the busiest; returns every micro-batch's output, fillers' last.
+
+    Packed micro-batches vary in length, so pipeline stages exchange shapes (`variable_seq_lengths`) and
+    `seq_length`/`micro_batch_size` are unused."""
+    microbatches = _equalized(microbatches)
     return get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=_with_fillers(forward_step),
         data_iterator=iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models],
         model=models,
         num_microbatches=len(microbatches),
@@ -172,10 +227,10 @@ def train_step(
 
 
 def forward_only(models: list[torch.nn.Module], forward_step: ForwardStep, microbatches: list[Any]) -> list[Any]:
-    """Run the schedule without gradients (scoring); returns each micro-batch's metrics dict (on the last pipeline
-    stage; an empty list on the others)."""
+    """Run the schedule without gradients (scoring); returns the metrics dict of each micro-batch that is not a
+    `Filler` (on the last pipeline stage; an empty list on the others)."""
     with torch.no_grad():
-        return _run_schedule(models, forward_step, microbatches, forward_only=True)
+        return _run_schedule(models, forward_step, microbatches, forward_only=True)[: real_count(microbatches)]
 
 
 def forward_metrics(
@@ -183,4 +238,5 @@ def forward_metrics(
 ) -> dict[str, float]:
     """The metrics of a forward pass without gradients (a validation loss, a held-out accuracy), reduced as in
     `train_step`."""
-    return _reduce_metrics(forward_only(models, forward_step, microbatches))
+    with torch.no_grad():
+        return _reduce_metrics(_run_schedule(models, forward_step, microbatches, forward_only=True))

@@ -1,5 +1,6 @@
 """The runtime must not change results: the same tiny Megatron GPT trained 5 AdamW steps gives the same losses
-(relative difference <= 1e-5) with TP=2, PP=2 and DP=2 as in one process (torchrun, gloo on CPU); and a run
+(relative difference <= 1e-5) with TP=2, PP=2 and DP=2 as in one process (torchrun, gloo on CPU), also when the DP
+ranks hold unequal shares of the batch or one holds none (it runs zero-loss fillers); and a run
 restored from a step checkpoint continues with exactly the losses of the uninterrupted run."""
 
 from pathlib import Path
@@ -20,7 +21,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"], []], ids=["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["--tp", "2"], ["--pp", "2"], [], ["--split", "uneven"], ["--split", "empty"]],
+    ids=["tp2", "pp2", "dp2", "dp2-uneven", "dp2-empty-rank"],
+)
 def test_layout_matches_single_process(reference: tuple[Path, dict], layout: list[str], tmp_path: Path) -> None:
     init, single = reference
     ranks = run_torchrun(WORKER, 2, tmp_path, ["--init", str(init), *layout])

@@ -2,7 +2,8 @@
 
 Every layout starts from the same weights: the single-process run saves them with dist-checkpointing (`--save-init`)
 and the parallel runs load them (`--init`), resharding for TP/PP. The global batch is the same in every layout: each
-DP rank takes its slice, and micro-batches go through `get_forward_backward_func` (pipelined when PP > 1).
+DP rank takes its slice, and micro-batches go through `get_forward_backward_func` (pipelined when PP > 1); with
+`--split uneven|empty` the DP ranks get unequal shares (the step tops the short rank up with zero-loss fillers).
 With `--resume-dir`, the run saves a resumable checkpoint at `--save-at` and, with `--resume`, continues from it.
 """
 
@@ -22,6 +23,7 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--split", default="even", choices=["even", "uneven", "empty"])
     parser.add_argument("--init", required=True, help="dist-checkpoint folder of the initial weights")
     parser.add_argument("--save-init", action="store_true")
     parser.add_argument("--resume-dir", default=None)
@@ -55,7 +57,7 @@ def main() -> None:
     dp_rank = parallel_state.get_data_parallel_rank()
     losses, grad_norms, lrs = {}, {}, {}
     for step in range(start, args.steps):
-        batches = microbatches(step, dp_rank, env.dp)
+        batches = microbatches(step, dp_rank, env.dp, args.split)
         result = train_step(models, optimizer, scheduler, forward_step, batches)
         losses[step + 1], grad_norms[step + 1], lrs[step + 1] = result.metrics["loss"], result.grad_norm, result.lr
         if manager is not None and step + 1 == args.save_at:
