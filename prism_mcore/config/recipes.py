@@ -52,7 +52,6 @@ def embedded() -> Config:
     config.sft.optim.lr = 2e-3
     config.warmup.global_batch_size = 16
     config.warmup.micro_batch_size = 8
-    config.warmup.max_length = 384
     config.warmup.optim.lr = 5e-4
     config.warmup.self_play_pairs = 256
     config.warmup.save_every = 100
@@ -89,7 +88,9 @@ def qwen3vl_cluster(size: str = "4b", rl: str = "grpo", with_prism: bool = True)
     config.rollout.weight_sync = "tensor"
     config.data.max_prompt_length = 2048
     config.data.max_response_length = 8192
-    config.data.max_tokens_per_microbatch = 8192  # the alignment stage's 8192 tokens per GPU
+    config.data.max_tokens_per_microbatch = 8192  # SFT, warmup and alignment (policy and D): 8192 tokens per GPU
+    config.rlvr.max_tokens_per_microbatch = 20480 if rl == "gspo" else 10240  # PRISM_SPEC §5.1
+    config.rollout.offload_during_training = True  # colocated SGLang servers (tensor weight sync)
     config.rlvr.policy_loss.preset = rl
     config.rlvr.optim.weight_decay = 0.01 if rl == "grpo" else 0.1
     if rl == "dapo":

@@ -100,6 +100,9 @@ class RolloutConfig:
     weight_sync_master_address: str = ""  # distributed sync: trainer address the servers reach; empty: this host
     weight_sync_master_port: int = 29600  # distributed sync: port of the trainer's rendezvous store
     local_max_batch_size: int = 64  # local engine: sequences per generate call
+    # Colocated servers (sharing the trainer's GPUs) give their memory back while the trainer runs: released after
+    # each generation or weight sync, resumed before the next (/release_ and /resume_memory_occupation).
+    offload_during_training: bool = False
     tis_cap: float = 0.0  # truncated importance-sampling cap for rollout/trainer mismatch; 0 disables it
 
 
@@ -161,7 +164,6 @@ class WarmupConfig:
     micro_batch_size: int = 4
     aux_loss_coef: float = 0.01
     max_image_side: int = 560
-    max_length: int = 8192
     self_play_pairs: int = 0  # > 0: also pair this many SFT-policy samples against the teacher demonstrations
     heldout_fraction: float = 0.05
     save_every: int = 500
@@ -178,7 +180,8 @@ class AlignConfig:
     prompts_per_step: int = 4
     max_new_tokens: int = 6144
     save_every: int = 500
-    eval_every: int = 8
+    eval_every: int = 8  # greedy accuracy on the validation split every N steps (`val/*` metrics); 0: off
+    max_tokens_per_microbatch: int = 0  # policy and D micro-batches; 0: data.max_tokens_per_microbatch
     caption_weight: float = 0.5
     cot_weight: float = 0.5
     format_penalty: float = 1.5
@@ -201,9 +204,8 @@ class RLVRConfig:
     prompts_per_step: int = 32
     max_new_tokens: int = 8192
     save_every: int = 500
-    eval_every: int = 8
-    accuracy_weight: float = 0.8
-    format_weight: float = 0.2
+    eval_every: int = 8  # greedy accuracy on the validation split every N steps (`val/*` metrics); 0: off
+    max_tokens_per_microbatch: int = 0  # 0: data.max_tokens_per_microbatch (released: 10240, GSPO 20480)
     dynamic_sampling: bool = False  # DAPO filter groups
     generation_prompts_per_step: int = 96
     max_generation_batches: int = 10

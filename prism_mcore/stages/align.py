@@ -16,14 +16,13 @@ No teacher logits are needed: the teacher enters only through its demonstrations
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 
 import torch
+from prism_kernels.alignment_advantage import fused_alignment_advantage
 
 from prism_mcore.algorithms import (
     AlignmentAdvantageConfig,
     DiscriminatorLossConfig,
-    alignment_advantage,
     group_ids_from_uids,
     sanitize_scores,
 )
@@ -32,6 +31,7 @@ from prism_mcore.data.batching import pack_sequences
 from prism_mcore.models import build_discriminator, build_policy, save_hf
 from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
+from prism_mcore.runtime import gather_data_parallel
 from prism_mcore.stages.common import (
     DISCRIMINATOR_HF,
     POLICY_HF,
@@ -44,6 +44,8 @@ from prism_mcore.stages.common import (
     load_prompts,
     make_engine,
     make_trainable,
+    or_filler,
+    periodic_validation,
     policy_loss_config,
     policy_microbatches,
     rollout,
@@ -52,66 +54,71 @@ from prism_mcore.stages.common import (
     score_segments,
     start_stage,
     sync_weights,
+    token_budget,
 )
 from prism_mcore.training.forward import DiscriminatorBatch, discriminator_forward, policy_forward
 
 STAGE = "align"
 
 
-def discriminator_microbatches(ctx: RunContext, samples: list[Sample]) -> list[DiscriminatorBatch]:
-    """This rank's samples (whole prompt groups per rank) as D micro-batches of at most the token budget.
+def discriminator_microbatches(ctx: RunContext, samples: list[Sample], budget: int) -> list[DiscriminatorBatch]:
+    """This rank's share of the samples as D micro-batches of at most `budget` tokens.
 
-    Samples are taken in group order, so the samples of a prompt mostly share a micro-batch and its teacher segments
-    are packed (and scored) once per micro-batch rather than once per sample.
+    The share is a contiguous slice in group order, so the samples of a prompt mostly share a micro-batch and its
+    teacher segments are packed (and scored) once per micro-batch rather than once per sample. A sample whose four
+    segments alone exceed the budget gets a micro-batch of its own (a sample cannot be split: its loss pairs its
+    scores with its teacher's). `num_valid_global` is N_v of PRISM_SPEC §3.1: the valid samples of the micro-batch
+    summed over the data-parallel ranks' micro-batches of the same index.
     """
-    groups: OrderedDict[str, list[Sample]] = OrderedDict()
-    for sample in samples:
-        groups.setdefault(sample.uid, []).append(sample)
-    mine = [sample for group in dp_share(ctx, list(groups.values())) for sample in group]
-    num_valid = sum(sample.format_valid for sample in samples)
-    budget = ctx.config.data.max_tokens_per_microbatch
-    teachers = {sample.uid: ctx.builder.teacher_segments(sample) for sample in mine}
-    batches, current, cost, prompts = [], [], 0, {}
+    teachers: dict[str, tuple] = {}
 
-    def flush() -> None:
-        students = [ctx.builder.student_segments(sample) for sample in current]
-        teacher_pairs = [teachers[uid] for uid in prompts]
+    def teacher(sample: Sample) -> tuple:
+        if sample.uid not in teachers:
+            teachers[sample.uid] = ctx.builder.teacher_segments(sample)
+        return teachers[sample.uid]
+
+    def batch(chosen: list[Sample]) -> DiscriminatorBatch:
+        prompts: dict[str, Sample] = {}  # uid -> the prompt's first sample, in order of appearance
+        for sample in chosen:
+            prompts.setdefault(sample.uid, sample)
+        index = {uid: i for i, uid in enumerate(prompts)}
+        students = [ctx.builder.student_segments(sample) for sample in chosen]
+        teacher_pairs = [teacher(first) for first in prompts.values()]
         sequences = [c for c, _ in students] + [t for _, t in students]
         sequences += [c for c, _ in teacher_pairs] + [t for _, t in teacher_pairs]
-        batches.append(
-            DiscriminatorBatch(
-                packed=pack_sequences(sequences),
-                valid=torch.tensor([sample.format_valid for sample in current]),
-                teacher_index=torch.tensor([prompts[sample.uid] for sample in current]),
-                num_prompts=len(prompts),
-                num_valid_global=num_valid,
-            )
+        return DiscriminatorBatch(
+            packed=pack_sequences(sequences),
+            valid=torch.tensor([sample.format_valid for sample in chosen]),
+            teacher_index=torch.tensor([index[sample.uid] for sample in chosen]),
+            num_prompts=len(prompts),
+            num_valid_global=0,
         )
 
-    for sample in mine:
-        caption, cot = ctx.builder.student_segments(sample)
-        teacher_cost = sum(len(segment) for segment in teachers[sample.uid])
-        sample_cost = len(caption) + len(cot) + (0 if sample.uid in prompts else teacher_cost)
-        if current and cost + sample_cost > budget:
-            flush()
-            current, cost, prompts = [], 0, {}
-            sample_cost = len(caption) + len(cot) + teacher_cost
-        if sample_cost > budget:
-            raise ValueError(
-                f"one sample's 4 segments take {sample_cost} tokens, over max_tokens_per_microbatch={budget}"
-            )
-        prompts.setdefault(sample.uid, len(prompts))
-        current.append(sample)
+    groups: list[list[Sample]] = []
+    cost, seen = 0, set()
+    for sample in dp_share(ctx, samples):
+        student_cost = sum(len(segment) for segment in ctx.builder.student_segments(sample))
+        teacher_cost = sum(len(segment) for segment in teacher(sample))
+        sample_cost = student_cost + (0 if sample.uid in seen else teacher_cost)
+        if not groups or cost + sample_cost > budget:
+            groups.append([])
+            cost, seen = 0, set()
+            sample_cost = student_cost + teacher_cost
+        groups[-1].append(sample)
+        seen.add(sample.uid)
         cost += sample_cost
-    if current:
-        flush()
-    return batches
+    batches = [batch(group) for group in groups]
+    valid = [int(b.valid.sum()) for b in batches]
+    shares = gather_data_parallel(valid) if ctx.env.dp > 1 else [valid]
+    totals = [sum(share[i] for share in shares if i < len(share)) for i in range(len(batches))]
+    batches = [dataclasses.replace(b, num_valid_global=n) for b, n in zip(batches, totals, strict=True)]
+    return or_filler(batches, lambda: batch(samples[:1]))
 
 
-def score_rollouts(ctx: RunContext, discriminator, samples: list[Sample], score_clip: float) -> None:
+def score_rollouts(ctx: RunContext, discriminator, samples: list[Sample], score_clip: float, budget: int) -> None:
     """Fill `caption_score`/`cot_score` with D's clipped scores; 0 for invalid formats (PRISM_SPEC §2.4, §1)."""
     segments = [segment for sample in samples for segment in ctx.builder.student_segments(sample)]
-    scores = sanitize_scores(score_segments(ctx, discriminator, segments), clip=score_clip).view(-1, 2)
+    scores = sanitize_scores(score_segments(ctx, discriminator, segments, budget), clip=score_clip).view(-1, 2)
     for sample, (caption, cot) in zip(samples, scores.tolist(), strict=True):
         sample.caption_score, sample.cot_score = (caption, cot) if sample.format_valid else (0.0, 0.0)
 
@@ -136,6 +143,7 @@ def run(config: Config) -> None:
         cfg.steps,
     )
     engine = make_engine(ctx, policy_path)
+    budget = token_budget(ctx, cfg.max_tokens_per_microbatch)
     advantage_config = AlignmentAdvantageConfig(
         mode=cfg.advantage_mode,
         caption_weight=cfg.caption_weight,
@@ -154,24 +162,27 @@ def run(config: Config) -> None:
             SamplingParams.from_config(config.rollout, seed=config.run.seed + step), max_new_tokens=cfg.max_new_tokens
         )
         samples = rollout(ctx, engine, batch_for_step(prompts, step, cfg.prompts_per_step, config.run.seed), params)
-        score_rollouts(ctx, discriminator, samples, cfg.score_clip)
-        advantages = alignment_advantage(
-            torch.tensor([s.caption_score for s in samples]),
-            torch.tensor([s.cot_score for s in samples]),
-            torch.tensor([s.format_valid for s in samples]),
-            group_ids_from_uids([s.uid for s in samples]),
-            accuracy=torch.tensor([s.accuracy for s in samples]),
-            format_reward=torch.tensor([s.format_reward for s in samples]),
+        score_rollouts(ctx, discriminator, samples, cfg.score_clip, budget)
+        device = ctx.env.device  # the Triton kernel on a GPU, its torch reference on CPU
+        advantages = fused_alignment_advantage(
+            torch.tensor([s.caption_score for s in samples], device=device),
+            torch.tensor([s.cot_score for s in samples], device=device),
+            torch.tensor([s.format_valid for s in samples], device=device),
+            group_ids_from_uids([s.uid for s in samples]).to(device),
+            accuracy=torch.tensor([s.accuracy for s in samples], device=device),
+            format_reward=torch.tensor([s.format_reward for s in samples], device=device),
             config=advantage_config,
-        )
+        ).cpu()
         for sample, advantage in zip(samples, advantages.tolist(), strict=True):
             sample.advantage = advantage
-        d_result = discriminator.step(d_loss_step, discriminator_microbatches(ctx, samples))
-        p_result = policy.step(policy_step, policy_microbatches(ctx, samples))
+        d_result = discriminator.step(d_loss_step, discriminator_microbatches(ctx, samples, budget))
+        p_result = policy.step(policy_step, policy_microbatches(ctx, samples, budget))
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         caption = torch.tensor([s.caption_score for s in samples if s.format_valid] or [0.0])
         cot = torch.tensor([s.cot_score for s in samples if s.format_valid] or [0.0])
+        validation = periodic_validation(ctx, engine, step, cfg.eval_every)
         return {
+            **validation,
             **rollout_metrics(samples),
             "reward/caption_score_mean": caption.mean().item(),
             "reward/caption_score_std": caption.std(correction=0).item(),

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from prism_mcore.runtime import DistEnv, broadcast_from_last_stage, gather_data_
 from prism_mcore.training.forward import score_forward, token_batch
 from prism_mcore.training.metrics import MetricsLogger, get_logger, progress
 from prism_mcore.training.resume import CheckpointManager, mark_stage_done, read_stage_done
-from prism_mcore.training.step import build_optimizer, forward_only, train_step, wrap_ddp
+from prism_mcore.training.step import Filler, build_optimizer, forward_only, train_step, wrap_ddp
 
 log = get_logger()
 
@@ -59,6 +61,7 @@ class RunContext:
     metrics: MetricsLogger
     data_stats: dict[str, DataStats] = field(default_factory=dict)
     eval_prompts: dict[str, list[Sample]] = field(default_factory=dict)
+    released_engines: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # holding no memory now
 
     @property
     def is_main(self) -> bool:
@@ -215,10 +218,25 @@ def rollout(
     verifiable reward (logged in alignment, the reward in RLVR), and share them with every rank."""
     samples = None
     if ctx.is_main:
-        samples = engine.generate(prompts, params)
+        with awake(ctx, engine):
+            samples = engine.generate(prompts, params)
         ctx.segmenter.segment_samples(samples)
         reward_batch(samples)
     return broadcast_samples(ctx, samples)
+
+
+@contextmanager
+def awake(ctx: RunContext, engine: RolloutEngine) -> Iterator[None]:
+    """The rollout engine holds its memory inside the block. With `rollout.offload_during_training` (colocated
+    servers share the trainer's GPUs) it resumes its memory on entry when released, and releases it on exit."""
+    offload = ctx.config.rollout.offload_during_training
+    if offload and engine in ctx.released_engines:
+        engine.resume_memory()
+        ctx.released_engines.discard(engine)
+    yield
+    if offload:
+        engine.release_memory()
+        ctx.released_engines.add(engine)
 
 
 def sync_weights(ctx: RunContext, policy: Any, engine: RolloutEngine | None, version: int) -> None:
@@ -226,7 +244,8 @@ def sync_weights(ctx: RunContext, policy: Any, engine: RolloutEngine | None, ver
 
     stream = iter_hf_weights(policy)
     if ctx.is_main:
-        engine.update_weights(stream, version)
+        with awake(ctx, engine):
+            engine.update_weights(stream, version)
     else:
         for _ in stream:
             pass
@@ -250,8 +269,9 @@ def evaluate(ctx: RunContext, engine: RolloutEngine | None, prompts: list[Sample
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ctx.config.rollout.max_new_tokens)
         samples = []
         batch = max(ctx.config.rollout.local_max_batch_size, 1)
-        for first in progress(range(0, len(prompts), batch), desc=f"eval {split}", total=-(-len(prompts) // batch)):
-            samples += engine.generate(prompts[first : first + batch], params)
+        with awake(ctx, engine):
+            for first in progress(range(0, len(prompts), batch), desc=f"eval {split}", total=-(-len(prompts) // batch)):
+                samples += engine.generate(prompts[first : first + batch], params)
         ctx.segmenter.segment_samples(samples)
         reward_batch(samples)
         result = {
@@ -275,32 +295,58 @@ def evaluate(ctx: RunContext, engine: RolloutEngine | None, prompts: list[Sample
 
 
 def evaluate_splits(ctx: RunContext, engine: RolloutEngine | None) -> dict[str, dict[str, float]]:
-    results = {}
-    for split, path in (("val", ctx.config.data.val_path), ("test", ctx.config.data.test_path)):
-        if split not in ctx.eval_prompts:
-            prompts = load_prompts(ctx, path, split, require_teacher=False)
-            ctx.eval_prompts[split] = prompts[: ctx.config.data.max_eval_prompts or None]
-        results[split] = evaluate(ctx, engine, ctx.eval_prompts[split], split)
-    return results
+    return {split: evaluate(ctx, engine, eval_prompts(ctx, split), split) for split in ("val", "test")}
+
+
+def eval_prompts(ctx: RunContext, split: str) -> list[Sample]:
+    """The first `data.max_eval_prompts` prompts of the `val` or `test` split (loaded once per run)."""
+    if split not in ctx.eval_prompts:
+        path = ctx.config.data.val_path if split == "val" else ctx.config.data.test_path
+        prompts = load_prompts(ctx, path, split, require_teacher=False)
+        ctx.eval_prompts[split] = prompts[: ctx.config.data.max_eval_prompts or None]
+    return ctx.eval_prompts[split]
+
+
+def periodic_validation(ctx: RunContext, engine: RolloutEngine | None, step: int, every: int) -> dict[str, float]:
+    """Greedy accuracy and format-valid rate on the validation split after every `every`-th step (`val/*`)."""
+    if not every or (step + 1) % every:
+        return {}
+    result = evaluate(ctx, engine, eval_prompts(ctx, "val"), "val")
+    return {f"val/{name}": value for name, value in result.items() if name != "num_prompts"}
 
 
 def dp_share(ctx: RunContext, items: list) -> list:
-    """This data-parallel rank's share of a batch that every rank holds."""
-    return items[ctx.env.dp_rank :: ctx.env.dp]
+    """This data-parallel rank's share of a batch that every rank holds: a contiguous slice (so the samples of a
+    prompt mostly stay together), shares differing in size by at most one. May be empty when items < ranks."""
+    base, extra = divmod(len(items), ctx.env.dp)
+    rank = ctx.env.dp_rank
+    start = rank * base + min(rank, extra)
+    return items[start : start + base + (rank < extra)]
 
 
-def score_segments(ctx: RunContext, discriminator: Trainable, segments: list) -> torch.Tensor:
+def or_filler(batches: list, build: Callable[[], Any]) -> list:
+    """`batches`, or a single `Filler` of `build()` when this rank's share is empty: every rank joins each step."""
+    return batches if batches else [Filler(build())]
+
+
+def token_budget(ctx: RunContext, stage_budget: int = 0) -> int:
+    """Tokens per micro-batch: the stage's own budget when set, else `data.max_tokens_per_microbatch`."""
+    return stage_budget or ctx.config.data.max_tokens_per_microbatch
+
+
+def score_segments(ctx: RunContext, discriminator: Trainable, segments: list, budget: int = 0) -> torch.Tensor:
     """D's scores (eval mode, no gradients) of `TokenSequence` segments, in order, on every rank.
 
     Each data-parallel rank scores its share in token-budget micro-batches; shares are gathered afterwards.
     """
 
     indices = dp_share(ctx, list(range(len(segments))))
-    groups = token_budget_batches([len(segments[i]) for i in indices], ctx.config.data.max_tokens_per_microbatch)
+    groups = token_budget_batches([len(segments[i]) for i in indices], token_budget(ctx, budget))
     groups = [[indices[i] for i in group] for group in groups]
+    batches = [pack_sequences([segments[i] for i in g]) for g in groups]
     discriminator.handle.eval()
     outputs = forward_only(
-        discriminator.models, score_forward, [pack_sequences([segments[i] for i in g]) for g in groups]
+        discriminator.models, score_forward, or_filler(batches, lambda: pack_sequences(segments[:1]))
     )
     discriminator.handle.train()
     mine = broadcast_from_last_stage(
@@ -419,20 +465,20 @@ def policy_loss_config(settings: PolicyLossSettings, tis_cap: float) -> PolicyLo
     return policy_loss_preset(settings.preset, **overrides)
 
 
-def policy_microbatches(ctx: RunContext, samples: list[Sample]) -> list:
+def policy_microbatches(ctx: RunContext, samples: list[Sample], budget: int = 0) -> list:
     """This rank's rollouts as packed policy micro-batches with advantages and rollout log-probs."""
 
-    mine = dp_share(ctx, samples)
-    sequences = [ctx.builder.policy_sequence(sample) for sample in mine]
-    groups = token_budget_batches([len(s) for s in sequences], ctx.config.data.max_tokens_per_microbatch)
-    return [
-        token_batch(
-            pack_sequences([sequences[i] for i in group]),
-            advantages=[mine[i].advantage for i in group],
-            rollout_logprobs=[mine[i].rollout_logprobs for i in group],
+    def batch(chosen: list[Sample]) -> Any:
+        return token_batch(
+            pack_sequences([ctx.builder.policy_sequence(sample) for sample in chosen]),
+            advantages=[sample.advantage for sample in chosen],
+            rollout_logprobs=[sample.rollout_logprobs for sample in chosen],
         )
-        for group in groups
-    ]
+
+    mine = dp_share(ctx, samples)
+    lengths = [len(sample.prompt_ids) + sample.response_length for sample in mine]
+    groups = token_budget_batches(lengths, token_budget(ctx, budget))
+    return or_filler([batch([mine[i] for i in group]) for group in groups], lambda: batch(samples[:1]))
 
 
 def rollout_metrics(samples: list[Sample]) -> dict[str, float]:

@@ -28,6 +28,7 @@ from prism_mcore.stages.common import (
     load_prompts,
     make_engine,
     make_trainable,
+    periodic_validation,
     policy_loss_config,
     policy_microbatches,
     rollout,
@@ -104,9 +105,10 @@ def run(config: Config) -> None:
         advantages = grpo_advantage(rewards, group_ids_from_uids([s.uid for s in samples]))
         for sample, reward, advantage in zip(samples, rewards.tolist(), advantages.tolist(), strict=True):
             sample.reward, sample.advantage = reward, advantage
-        result = policy.step(policy_step, policy_microbatches(ctx, samples))
+        result = policy.step(policy_step, policy_microbatches(ctx, samples, cfg.max_tokens_per_microbatch))
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         return {
+            **periodic_validation(ctx, engine, step, cfg.eval_every),
             **rollout_metrics(samples),
             **sampling_metrics,
             "reward/mean": rewards.mean().item(),

@@ -23,14 +23,17 @@ from prism_mcore.stages.common import (
     POLICY_HF,
     RunContext,
     batch_for_step,
+    dp_share,
     evaluate_splits,
     finish_stage,
     input_checkpoint,
     log,
     make_engine,
     make_trainable,
+    or_filler,
     run_steps,
     start_stage,
+    token_budget,
 )
 from prism_mcore.training.forward import TokenBatch, sft_forward, token_batch
 from prism_mcore.training.step import forward_metrics
@@ -41,9 +44,10 @@ MAX_HELDOUT = 256
 
 def microbatches(ctx: RunContext, sequences: list[TokenSequence]) -> list[TokenBatch]:
     """This rank's share of a global batch, packed into micro-batches of at most `max_tokens_per_microbatch`."""
-    mine = sequences[ctx.env.dp_rank :: ctx.env.dp]
-    groups = token_budget_batches([len(s) for s in mine], ctx.config.data.max_tokens_per_microbatch)
-    return [token_batch(pack_sequences([mine[i] for i in group])) for group in groups]
+    mine = dp_share(ctx, sequences)
+    groups = token_budget_batches([len(s) for s in mine], token_budget(ctx))
+    batches = [token_batch(pack_sequences([mine[i] for i in group])) for group in groups]
+    return or_filler(batches, lambda: token_batch(pack_sequences(sequences[:1])))
 
 
 def run(config: Config) -> None:
@@ -61,7 +65,7 @@ def run(config: Config) -> None:
 
     heldout = min(MAX_HELDOUT, len(reader) // 50)
     train_indices = list(range(len(reader) - heldout))
-    heldout_batches = microbatches(ctx, sequences(list(range(len(reader) - heldout, len(reader)))))
+    heldout_batches = microbatches(ctx, sequences(list(range(len(reader) - heldout, len(reader))))) if heldout else []
     steps_per_epoch = math.ceil(len(train_indices) / cfg.global_batch_size)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     log.info(
@@ -81,7 +85,7 @@ def run(config: Config) -> None:
         batch = sequences(batch_for_step(train_indices, step, cfg.global_batch_size, config.run.seed))
         result = trainable.step(sft_forward, microbatches(ctx, batch))
         metrics = {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
-        if heldout_batches and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+        if heldout and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             metrics["val_loss"] = validation_loss()
         return metrics
 
@@ -96,7 +100,7 @@ def run(config: Config) -> None:
     )
     # Conversations are built lazily, step by step, so these counts cover every epoch (a row used twice counts twice).
     record = {"steps": total_steps, "conversations_built": stats.summary()}
-    if heldout_batches:
+    if heldout:
         record["val_loss"] = validation_loss()
     export = save_hf(policy, ctx.stage_dir("hf", STAGE))
     record[POLICY_HF] = str(export)

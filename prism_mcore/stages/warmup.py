@@ -35,9 +35,11 @@ from prism_mcore.stages.common import (
     log,
     make_engine,
     make_trainable,
+    or_filler,
     rollout,
     run_steps,
     start_stage,
+    token_budget,
 )
 from prism_mcore.training.forward import warmup_forward
 from prism_mcore.training.step import forward_metrics
@@ -81,10 +83,13 @@ def self_play_pairs(ctx: RunContext, config: Config) -> list[SegmentPair]:
 
 def microbatches(ctx: RunContext, pairs: list[SegmentPair]):
     """Token-budget micro-batches of this rank's pairs, each packing its teachers then its students."""
+
+    def batch(chosen: list[SegmentPair]):
+        return pack_sequences([pair.teacher for pair in chosen] + [pair.student for pair in chosen])
+
     mine = dp_share(ctx, pairs)
-    lengths = [len(pair.teacher) + len(pair.student) for pair in mine]
-    groups = token_budget_batches(lengths, ctx.config.data.max_tokens_per_microbatch)
-    return [pack_sequences([mine[i].teacher for i in g] + [mine[i].student for i in g]) for g in groups]
+    groups = token_budget_batches([len(pair.teacher) + len(pair.student) for pair in mine], token_budget(ctx))
+    return or_filler([batch([mine[i] for i in group]) for group in groups], lambda: batch(pairs[:1]))
 
 
 def run(config: Config) -> None:
@@ -93,6 +98,12 @@ def run(config: Config) -> None:
         return
 
     cfg = config.warmup
+    if cfg.aux_loss_coef > 0 and config.parallel.pipeline > 1:
+        # The loss pools the router statistics of every layer (PRISM_SPEC §2.5); a pipeline stage holds only its own.
+        raise ValueError(
+            f"warmup.aux_loss_coef={cfg.aux_loss_coef} needs every MoE layer on one pipeline stage: run the warmup "
+            f"with parallel.pipeline=1 (not {config.parallel.pipeline}), or set warmup.aux_loss_coef=0"
+        )
     pairs, stats = file_pairs(ctx, config)
     if cfg.self_play_pairs > 0:
         pairs += self_play_pairs(ctx, config)

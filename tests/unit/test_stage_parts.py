@@ -1,5 +1,6 @@
-"""The pure parts the stages are built from: data order by step, packed-to-rows views, the RL micro-batch targets,
-the policy-loss fraction the train step divides, and the report table."""
+"""The pure parts the stages are built from: data order by step, data-parallel shares, the rollout engine's memory
+around training, packed-to-rows views, the RL micro-batch targets, the policy-loss fraction the train step divides,
+and the report table."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from prism_mcore.algorithms import policy_loss_preset
 from prism_mcore.data.batching import pack_token_ids
 from prism_mcore.report import comparison, stage_table
-from prism_mcore.stages.common import batch_for_step
+from prism_mcore.stages.common import awake, batch_for_step, dp_share, or_filler, periodic_validation
 from prism_mcore.training.forward import _padded, policy_loss_fraction, sequence_rows, token_batch
+from prism_mcore.training.step import Filler
 
 
 def test_batch_for_step_is_a_resumable_function_of_the_step() -> None:
@@ -23,6 +25,55 @@ def test_batch_for_step_is_a_resumable_function_of_the_step() -> None:
     assert set(wrapped[:2]) == set(items) - set(epoch0)
     assert batch_for_step(items, 2, 4, seed=3) == wrapped  # same step, same batch (resume needs no loader state)
     assert batch_for_step(items, 0, 4, seed=4) != batch_for_step(items, 0, 4, seed=3)
+
+
+def _ranks(dp: int) -> list[SimpleNamespace]:
+    return [SimpleNamespace(env=SimpleNamespace(dp=dp, dp_rank=rank)) for rank in range(dp)]
+
+
+def test_data_parallel_shares_are_contiguous_and_cover_the_batch_once() -> None:
+    items = list(range(10))
+    shares = [dp_share(ctx, items) for ctx in _ranks(4)]
+    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]  # sizes differ by at most one, order kept
+    assert [dp_share(ctx, items[:2]) for ctx in _ranks(4)] == [[0], [1], [], []]
+    assert or_filler([], lambda: "first sample") == [Filler("first sample")]  # an empty share still runs
+    assert or_filler(["a"], lambda: pytest.fail("not needed")) == ["a"]
+
+
+class RecordingEngine:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def release_memory(self) -> None:
+        self.calls.append("release")
+
+    def resume_memory(self) -> None:
+        self.calls.append("resume")
+
+
+def test_an_offloading_engine_holds_memory_only_while_it_works() -> None:
+    from prism_mcore.stages.common import RunContext
+
+    def context(offload: bool) -> SimpleNamespace:
+        config = SimpleNamespace(rollout=SimpleNamespace(offload_during_training=offload))
+        released = RunContext.__dataclass_fields__["released_engines"].default_factory()
+        return SimpleNamespace(config=config, released_engines=released)
+
+    ctx, engine = context(offload=True), RecordingEngine()
+    for work in ("generate", "sync", "generate"):
+        with awake(ctx, engine):
+            engine.calls.append(work)
+    # A fresh engine holds its memory: no resume before its first use; released after every use.
+    assert engine.calls == ["generate", "release", "resume", "sync", "release", "resume", "generate", "release"]
+    ctx, engine = context(offload=False), RecordingEngine()
+    with awake(ctx, engine):
+        engine.calls.append("generate")
+    assert engine.calls == ["generate"]
+
+
+def test_validation_runs_every_n_steps_only() -> None:
+    assert periodic_validation(SimpleNamespace(), None, step=0, every=0) == {}
+    assert periodic_validation(SimpleNamespace(), None, step=2, every=2) == {}  # after step 3 of every 2: no
 
 
 def test_sequence_rows_gathers_each_sequences_masked_positions() -> None:
