@@ -11,6 +11,7 @@ import torch
 
 from prism_mcore.algorithms import policy_loss_preset
 from prism_mcore.data.batching import pack_token_ids
+from prism_mcore.data.samples import TokenSequence
 from prism_mcore.report import comparison, stage_table
 from prism_mcore.stages.common import awake, batch_for_step, dp_share, or_filler, periodic_validation
 from prism_mcore.training.forward import _padded, policy_loss_fraction, sequence_rows, token_batch
@@ -157,3 +158,41 @@ def test_stage_table_and_comparison(tmp_path) -> None:
     rows = comparison(tmp_path / "a", tmp_path / "b").splitlines()
     assert rows[2].startswith("SFT -> RLVR") and rows[3].startswith("SFT -> PRISM -> RLVR")
     assert rows[3].split("|")[2].strip() == "0.125"
+
+
+class SegmentBuilder:
+    """Student segments of 3 + 4 tokens, teacher segments of 5 + 5 tokens (what `SampleBuilder` would cut)."""
+
+    @staticmethod
+    def _sequence(length: int) -> TokenSequence:
+        return TokenSequence(torch.arange(length), torch.arange(length).expand(3, length), score_index=length - 1)
+
+    def student_segments(self, sample: SimpleNamespace) -> tuple[TokenSequence, TokenSequence]:
+        return self._sequence(3), self._sequence(4)
+
+    def teacher_segments(self, sample: SimpleNamespace) -> tuple[TokenSequence, TokenSequence]:
+        return self._sequence(5), self._sequence(5)
+
+
+def test_discriminator_microbatches_share_teachers_and_count_valid_samples_per_microbatch() -> None:
+    from prism_mcore.stages.align import discriminator_microbatches
+
+    ctx = SimpleNamespace(env=SimpleNamespace(dp=1, dp_rank=0), builder=SegmentBuilder())
+    samples = [
+        SimpleNamespace(uid=uid, format_valid=valid)
+        for uid, valid in (("a", True), ("a", False), ("a", True), ("b", True), ("b", True))
+    ]
+    # A sample costs 7 tokens, plus 10 for its prompt's teacher when the micro-batch has none yet: budget 30 takes
+    # a1+a2 (24), a3 (17: a1+a2+a3 would be 31), b1+b2 (24).
+    batches = discriminator_microbatches(ctx, samples, budget=30)
+    assert [b.valid.tolist() for b in batches] == [[True, False], [True], [True, True]]
+    assert [b.num_prompts for b in batches] == [1, 1, 1]
+    assert [b.packed.num_sequences for b in batches] == [6, 4, 6]  # 2 segments per student, 2 per teacher
+    assert [b.packed.num_tokens for b in batches] == [24, 17, 24]
+    assert [b.num_valid_global for b in batches] == [1, 1, 2]  # N_v of each micro-batch (one rank)
+    # A budget below one sample's 17 tokens: each sample alone, none dropped.
+    alone = discriminator_microbatches(ctx, samples, budget=10)
+    assert [b.valid.numel() for b in alone] == [1] * 5 and [b.packed.num_tokens for b in alone] == [17] * 5
+    # Two prompts in one micro-batch: each student points at its own prompt's teacher pair.
+    both = discriminator_microbatches(ctx, samples, budget=100)
+    assert len(both) == 1 and both[0].num_prompts == 2 and both[0].teacher_index.tolist() == [0, 0, 0, 1, 1]
