@@ -1,4 +1,5 @@
-"""HF checkpoint folders written from a stream of `(hf_name, tensor)` pairs, holding one shard in memory at a time.
+"""HF checkpoint folders written from a stream of `(hf_name, tensor)` pairs, holding one shard in memory at a time,
+and read back as such a stream (`read_hf_weights`).
 
 Both writers of the trainer's weights use it: `models.export.save_hf` (the exported policy or discriminator) and the
 disk weight sync of `rollout.weight_sync` (a folder SGLang servers load). It imports only torch and safetensors, so
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
@@ -87,3 +89,30 @@ def write_hf_checkpoint(
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return folder
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The weight files of a checkpoint folder: those its index names, else every `*.safetensors`."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / name for name in names]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors weights in {folder}")
+    return files
+
+
+def read_hf_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every `(hf_name, tensor)` of a checkpoint folder, one tensor at a time (the files are checked first)."""
+    files = safetensors_files(folder)
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for file in files:
+            with safe_open(str(file), framework="pt") as weights:
+                for name in weights.keys():
+                    yield name, weights.get_tensor(name)
+
+    return stream()

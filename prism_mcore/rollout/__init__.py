@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
 from prism_mcore.config.schema import RolloutConfig
+from prism_mcore.hf_checkpoint import read_hf_weights
 from prism_mcore.rollout.base import RolloutEngine, RolloutError, SamplingParams, config_vision_token_ids
 from prism_mcore.rollout.endpoint import RetryPolicy
 from prism_mcore.rollout.local import LocalEngine
@@ -44,6 +46,8 @@ __all__ = [
     "WeightSync",
     "WeightSyncError",
     "build_rollout_engine",
+    "sync_device",
+    "weights_for_sync",
     "build_weight_sync",
 ]
 
@@ -64,6 +68,25 @@ def build_weight_sync(config: RolloutConfig, policy_path: str | Path, run_dir: s
     return DiskWeightSync(directory=directory, base_checkpoint=Path(policy_path))
 
 
+def weights_for_sync(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], config: RolloutConfig, device: str | torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stream on the device its weight sync sends from (`sync_device`)."""
+    target = sync_device(config, device)
+    for name, tensor in named_tensors:
+        yield name, tensor.to(target)
+
+
+def sync_device(config: RolloutConfig, device: str | torch.device) -> torch.device:
+    """Where weights must be to reach the engine: SGLang's tensor sync passes CUDA IPC handles and its distributed
+    sync broadcasts over NCCL, so on a GPU both need CUDA tensors (as does the local engine's copy); disk sync
+    writes from host memory; without a GPU everything stays on the host."""
+    target = torch.device(device)
+    if target.type != "cuda" or (config.engine == "sglang" and config.weight_sync == "disk"):
+        return torch.device("cpu")
+    return target
+
+
 def build_rollout_engine(
     config: RolloutConfig,
     policy_path: str | Path,
@@ -71,11 +94,14 @@ def build_rollout_engine(
     run_dir: str | Path,
     device: str | torch.device = "cpu",
     weight_version: int = 0,
+    load_checkpoint: bool = True,
 ) -> RolloutEngine:
     """The engine `config.engine` names, serving the policy checkpoint at `policy_path` (labelled `weight_version`).
 
-    An SGLang engine waits until every server in `config.server_urls` is ready (`server_ready_timeout_s`); those
-    servers must have been started with the same checkpoint.
+    An SGLang engine waits until every server in `config.server_urls` is ready (`server_ready_timeout_s`), then
+    (with `load_checkpoint`) loads `policy_path`'s weights into them through the configured weight sync: the servers
+    may have been started from any checkpoint of the same architecture (the run's first, or an earlier stage's),
+    and each stage's engine still samples from the checkpoint that stage starts from.
     """
     if config.engine == "local":
         return LocalEngine.from_pretrained(
@@ -91,4 +117,6 @@ def build_rollout_engine(
         weight_version=weight_version,
     )
     engine.wait_until_ready(config.server_ready_timeout_s)
+    if load_checkpoint:
+        engine.update_weights(weights_for_sync(read_hf_weights(policy_path), config, device), weight_version)
     return engine

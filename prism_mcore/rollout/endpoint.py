@@ -80,6 +80,9 @@ class SGLangEndpoint:
             raise ServerUnavailable(f"{self.url}{path}: no answer within {timeout:g} s") from None
         except requests.ConnectionError as error:
             raise ServerUnavailable(f"{self.url}{path}: connection failed ({type(error).__name__})") from None
+        except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as error:
+            # The server went away while sending its answer (killed mid-batch): as unavailable as one that is down.
+            raise ServerUnavailable(f"{self.url}{path}: the answer broke off ({type(error).__name__})") from None
         if response.status_code >= 500:
             raise ServerUnavailable(f"{self.url}{path}: HTTP {response.status_code} {_error_message(response)}")
         if response.status_code >= 400:

@@ -32,7 +32,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,11 +41,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from prism_mcore.data.errors import DataError
 from prism_mcore.data.images import HFImageProcessor, ImageConfig, load_image_processor
+from prism_mcore.hf_checkpoint import read_hf_weights
 from prism_mcore.record import Sample
 from prism_mcore.rollout.base import RolloutError, SamplingParams
 from prism_mcore.rollout.local import LocalEngine
@@ -70,6 +70,9 @@ SAMPLING_DEFAULTS = {"max_new_tokens": 128, "temperature": 1.0, "top_p": 1.0, "t
 # How long a generate request waits for an open weight-update session to end before answering 503.
 SESSION_WAIT_S = 600.0
 SESSION_ERROR = "{} must run between begin_weight_update() and end_weight_update()"
+
+
+INCOMPLETE_UPDATE = "incomplete-update"  # the weight version of a server whose last weight load failed part-way
 
 
 class RequestError(Exception):
@@ -105,6 +108,7 @@ class RolloutServer:
         self.image_token_id = config.image_token_id
         self.vision_start_token_id = config.vision_start_token_id
         self.vision_end_token_id = config.vision_end_token_id
+        self.vocab_size = self.engine.model.get_input_embeddings().num_embeddings
         self.weight_version = weight_version
         self.engine_lock = threading.Lock()  # one generation or weight load at a time
         self.state = threading.Condition()  # guards the fields below
@@ -129,6 +133,12 @@ class RolloutServer:
         prompts = [input_ids] if single else input_ids
         if not prompts or not all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompts):
             raise RequestError("input_ids must be a non-empty list of token ids or a list of such lists")
+        for index, ids in enumerate(prompts):
+            outside = [token for token in ids if not 0 <= token < self.vocab_size]
+            if outside:
+                raise RequestError(
+                    f"prompt {index}: token ids {outside[:5]} outside the vocabulary [0, {self.vocab_size})"
+                )
         images = self._images_per_prompt(body.get("image_data"), len(prompts), single)
         sampling = self._sampling_per_prompt(body.get("sampling_params"), len(prompts))
         return_logprob = bool(body.get("return_logprob"))
@@ -140,7 +150,11 @@ class RolloutServer:
         # The engine lock is held for the whole request, so a weight load cannot land between its prompts.
         with self._generation_slot(), self.engine_lock:
             for sample, (params, skip_special) in zip(samples, sampling, strict=True):
-                for completion in self.engine.generate([sample], params):
+                try:
+                    completions = self.engine.generate([sample], params)
+                except RolloutError as error:  # a prompt the engine cannot take: the client's to fix, not a fault
+                    raise RequestError(f"prompt {sample.uid}: {error}") from None
+                for completion in completions:
                     response = self._response(sample, completion, params, skip_special, self.weight_version)
                     outputs.append(response if return_logprob else _without_logprobs(response))
         n = sampling[0][0].n
@@ -175,6 +189,9 @@ class RolloutServer:
                 key: entry.get(key) if entry.get(key) is not None else default
                 for key, default in SAMPLING_DEFAULTS.items()
             }
+            stop = entry.get("stop_token_ids")
+            if stop is not None and not (isinstance(stop, list) and all(type(token) is int for token in stop)):
+                raise RequestError("invalid sampling_params: stop_token_ids must be a list of token ids")
             try:
                 params = SamplingParams(
                     n=values["n"],
@@ -329,11 +346,13 @@ class RolloutServer:
         model_path = request.get("model_path")
         if not isinstance(model_path, str):
             raise RequestError("model_path (a string) is required")
-        files = _safetensors_files(Path(model_path))
+        try:
+            weights = read_hf_weights(model_path)
+        except FileNotFoundError as error:
+            raise AdminError(str(error)) from None
         with self.engine_lock:
-            self.engine.load_weights(_read_safetensors(files))
+            self._load(weights, request.get("weight_version"))
             self.model_path = model_path
-            self._set_version(request.get("weight_version"))
         return Reply({"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0})
 
     def update_weights_from_tensor(self, body: Any) -> Reply:
@@ -346,8 +365,7 @@ class RolloutServer:
             raise AdminError("serialized_named_tensors must hold one entry per TP rank; this server has tp_size 1")
         named_tensors = deserialize_named_tensors(serialized[0])
         with self.engine_lock:
-            self.engine.load_weights(named_tensors)
-            self._set_version(request.get("weight_version"))
+            self._load(named_tensors, request.get("weight_version"))
         return Reply({"success": True, "message": "Success"})
 
     def update_weight_version(self, body: Any) -> Reply:
@@ -359,6 +377,17 @@ class RolloutServer:
         return Reply(
             {"success": True, "message": f"Weight version updated to {new_version}", "new_version": new_version}
         )
+
+    def _load(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: Any) -> None:
+        """Load weights (under the engine lock) and take their version. A load that fails part-way (an unknown
+        name, a wrong shape) leaves old and new tensors mixed: the server then reports a version no client expects,
+        so none of its completions passes as the old weights', until a complete update."""
+        try:
+            self.engine.load_weights(named_tensors)
+        except Exception:
+            self.weight_version = INCOMPLETE_UPDATE
+            raise
+        self._set_version(version)
 
     def _set_version(self, version: Any) -> None:
         if version is not None:
@@ -418,8 +447,7 @@ class RolloutServer:
             dist.broadcast(tensor, group=group, group_src=0)
             received.append((name, tensor))
         with self.engine_lock:
-            self.engine.load_weights(received)
-            self._set_version(request.get("weight_version"))
+            self._load(received, request.get("weight_version"))
         return Reply({"success": True, "message": "Succeeded to update parameter online."})
 
     def destroy_weights_update_group(self, body: Any) -> Reply:
@@ -488,26 +516,6 @@ def _object(body: Any, path: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError(f"the {path} body must be a JSON object")
     return body
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder: those its index names, else every `*.safetensors`."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / name for name in names]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise AdminError(f"no safetensors weights in {folder}")
-    return files
-
-
-def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    for file in files:
-        with safe_open(str(file), framework="pt") as weights:
-            for name in weights.keys():
-                yield name, weights.get_tensor(name)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -35,11 +35,12 @@ from prism_mcore.data.samples import LengthLimits, SampleBuilder
 from prism_mcore.models import iter_hf_weights
 from prism_mcore.record import Sample
 from prism_mcore.rewards import ResponseSegmenter, reward_batch
-from prism_mcore.rollout import RolloutEngine, SamplingParams, build_rollout_engine
+from prism_mcore.rollout import RolloutEngine, SamplingParams, build_rollout_engine, weights_for_sync
 from prism_mcore.runtime import DistEnv, broadcast_from_last_stage, gather_data_parallel, init_distributed
 from prism_mcore.training.forward import score_forward, token_batch
 from prism_mcore.training.metrics import MetricsLogger, get_logger, progress
 from prism_mcore.training.resume import CheckpointManager, mark_stage_done, read_stage_done
+from prism_mcore.training.run_lock import lock_run_dir
 from prism_mcore.training.step import Filler, build_optimizer, forward_only, train_step, wrap_ddp
 
 log = get_logger()
@@ -114,6 +115,7 @@ def setup(config: Config) -> RunContext:
     resolve_embedded_paths(config)
     run_dir = Path(config.run.output_dir)
     if env.rank == 0:
+        lock_run_dir(run_dir)
         save_config(config, run_dir / "config.json")
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.policy_path, local_files_only=True)
@@ -226,15 +228,17 @@ def rollout(
 
 
 @contextmanager
-def awake(ctx: RunContext, engine: RolloutEngine) -> Iterator[None]:
+def awake(ctx: RunContext, engine: RolloutEngine, release_after: bool = True) -> Iterator[None]:
     """The rollout engine holds its memory inside the block. With `rollout.offload_during_training` (colocated
-    servers share the trainer's GPUs) it resumes its memory on entry when released, and releases it on exit."""
+    servers share the trainer's GPUs) it resumes its memory on entry when released, and releases it on exit
+    unless `release_after` is false (after a weight sync: generation comes next, and releasing freshly loaded
+    weights would only copy them to the host and back)."""
     offload = ctx.config.rollout.offload_during_training
     if offload and engine in ctx.released_engines:
         engine.resume_memory()
         ctx.released_engines.discard(engine)
     yield
-    if offload:
+    if offload and release_after:
         engine.release_memory()
         ctx.released_engines.add(engine)
 
@@ -242,9 +246,10 @@ def awake(ctx: RunContext, engine: RolloutEngine) -> Iterator[None]:
 def sync_weights(ctx: RunContext, policy: Any, engine: RolloutEngine | None, version: int) -> None:
     """Stream the policy's HF weights to the rollout engine; the export is collective, every rank drains it."""
 
-    stream = iter_hf_weights(policy)
+    stream = iter_hf_weights(policy, cpu=False)
     if ctx.is_main:
-        with awake(ctx, engine):
+        stream = weights_for_sync(stream, ctx.config.rollout, ctx.env.device)
+        with awake(ctx, engine, release_after=False):
             engine.update_weights(stream, version)
     else:
         for _ in stream:

@@ -15,7 +15,9 @@ import pytest
 import requests
 import torch
 
+from prism_mcore.config.schema import RolloutConfig
 from prism_mcore.data.embedded import EmbeddedAssets, ensure_embedded
+from prism_mcore.hf_checkpoint import write_hf_checkpoint
 from prism_mcore.record import Sample
 from prism_mcore.rollout import (
     DiskWeightSync,
@@ -27,6 +29,7 @@ from prism_mcore.rollout import (
     SGLangEngine,
     TensorWeightSync,
     WeightSync,
+    build_rollout_engine,
 )
 from prism_mcore.rollout.protocol import image_data_uri, serialize_named_tensors
 from tests.rollout_support import (
@@ -163,6 +166,36 @@ def test_memory_release_and_resume(server: ServerProcess, prompts: list[Sample])
     engine.close()
 
 
+def test_requests_the_client_must_fix_are_refused_with_400(server: ServerProcess, embedded: EmbeddedAssets) -> None:
+    """400, not 500: the client retries a 500 on every server; a bad request would fail everywhere."""
+    config = LocalEngine.from_pretrained(embedded.policy_path).model.config
+    bad = {
+        "out of vocabulary": {"input_ids": [1, 2, 10**6]},
+        "negative id": {"input_ids": [1, -3]},
+        "stop ids as a string": {"input_ids": [1, 2], "sampling_params": {"stop_token_ids": "12"}},
+        "image tokens without an image block": {"input_ids": [1, config.image_token_id, 2]},
+    }
+    for case, body in bad.items():
+        answer = requests.post(f"{server.url}/generate", json=body, timeout=60)
+        assert answer.status_code == 400, (case, answer.status_code, answer.text)
+        assert answer.json()["error"]["message"], case
+
+
+def test_a_weight_load_that_fails_part_way_is_never_served_as_the_old_version(
+    embedded: EmbeddedAssets, tmp_path: Path
+) -> None:
+    model = LocalEngine.from_pretrained(embedded.policy_path).model
+    (good_name, good), *_ = perturbed_weights(model, seed=5)
+    bad = [("model.language_model.norm.weight", torch.ones(3)), (good_name, good)]  # a wrong shape among them
+    folder = write_hf_checkpoint(iter(bad), tmp_path / "bad", embedded.policy_path)
+    with running_server(embedded.policy_path, tmp_path / "server.log") as server:
+        body = {"model_path": str(folder), "weight_version": "7"}
+        answer = requests.post(f"{server.url}/update_weights_from_disk", json=body, timeout=60)
+        info = requests.get(f"{server.url}/model_info", timeout=60).json()
+    assert answer.status_code == 400 and "shape" in answer.json()["message"]
+    assert info["weight_version"] == "incomplete-update"
+
+
 def test_weight_updates_need_an_open_session(server: ServerProcess) -> None:
     update = {"serialized_named_tensors": [serialize_named_tensors([("lm_head.weight", torch.zeros(1))])]}
     outside = requests.post(f"{server.url}/update_weights_from_tensor", json=update, timeout=60)
@@ -209,6 +242,24 @@ def test_weight_sync_changes_what_the_server_samples(
     assert all(s.weight_version == 1 for s in after)
     assert [s.response_ids for s in after] != [s.response_ids for s in before]
     _assert_same_completions(after, _local_reference(local, prompts, PARAMS))
+
+
+def test_an_engine_brings_its_servers_to_the_checkpoint_it_serves(
+    embedded: EmbeddedAssets, prompts: list[Sample], tmp_path: Path
+) -> None:
+    """Servers started from the run's first checkpoint sample from a later stage's once that stage builds its
+    engine: `build_rollout_engine` pushes the checkpoint through the weight sync."""
+    weights = dict(LocalEngine.from_pretrained(embedded.policy_path).model.state_dict())
+    weights.update(perturbed_weights(LocalEngine.from_pretrained(embedded.policy_path).model, seed=11))
+    stage = write_hf_checkpoint(((n, t.clone()) for n, t in weights.items()), tmp_path / "stage", embedded.policy_path)
+    config = RolloutConfig(engine="sglang", request_timeout_s=60.0, server_ready_timeout_s=60.0, weight_sync="tensor")
+    with running_server(embedded.policy_path, tmp_path / "server.log") as server:
+        config.server_urls = [server.url]
+        engine = build_rollout_engine(config, stage, run_dir=tmp_path, weight_version=3)
+        samples = engine.generate(prompts, PARAMS)
+        engine.close()
+    assert all(s.weight_version == 3 for s in samples)
+    _assert_same_completions(samples, _local_reference(LocalEngine.from_pretrained(stage), prompts, PARAMS))
 
 
 @pytest.mark.slow

@@ -61,11 +61,16 @@ def test_an_offloading_engine_holds_memory_only_while_it_works() -> None:
         return SimpleNamespace(config=config, released_engines=released)
 
     ctx, engine = context(offload=True), RecordingEngine()
-    for work in ("generate", "sync", "generate"):
-        with awake(ctx, engine):
+    for work in ("generate", "sync", "generate", "generate"):
+        with awake(ctx, engine, release_after=work != "sync"):
             engine.calls.append(work)
-    # A fresh engine holds its memory: no resume before its first use; released after every use.
-    assert engine.calls == ["generate", "release", "resume", "sync", "release", "resume", "generate", "release"]
+    # A fresh engine holds its memory: no resume before its first use; released after each generation, kept from
+    # a weight sync to the generation that follows it.
+    assert engine.calls == [
+        *("generate", "release"),
+        *("resume", "sync", "generate", "release"),
+        *("resume", "generate", "release"),
+    ]
     ctx, engine = context(offload=False), RecordingEngine()
     with awake(ctx, engine):
         engine.calls.append("generate")

@@ -19,6 +19,7 @@ class Answer:
     status: int = 200
     body: Any = None  # JSON value; a str is sent as text
     delay_s: float = 0.0
+    cut_off: bool = False  # announce the whole body, send half of it and close: a server killed mid-answer
 
 
 Responder = Callable[["FakeServer", str, Any], Answer]
@@ -102,6 +103,10 @@ def fake_servers(*responders: Responder) -> Iterator[list[FakeServer]]:
                 self.send_header("Content-Type", "text/plain" if text else "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if answer.cut_off:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return
                 self.wfile.write(data)
 
             def log_message(self, *args: Any) -> None:

@@ -4,6 +4,7 @@ answers), plus readiness, weight updates and memory hooks."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 from typing import Any
@@ -80,6 +81,19 @@ def test_unreachable_and_failing_servers_are_routed_around() -> None:
         engine.generate(PROMPTS, SamplingParams(n=3))
         assert _generates(good) == 12 and _generates(bad) == failed_requests
         engine.close()
+
+
+def test_answers_cut_off_mid_body_are_retried_elsewhere() -> None:
+    def dying(server: FakeServer, path: str, body: Any) -> Answer:
+        answer = sglang_like(server, path, body)
+        return dataclasses.replace(answer, cut_off=True) if path == "/generate" else answer
+
+    with fake_servers(dying, sglang_like) as (bad, good):
+        engine = _engine([bad.url, good.url], retry=RetryPolicy(max_retries=2, backoff_s=30.0))
+        samples = engine.generate(PROMPTS, SamplingParams(n=3))
+        engine.close()
+    assert len(samples) == 6 and all(s.response_ids == [5, 6, 2] for s in samples)
+    assert _generates(bad) >= 1 and _generates(good) == 6
 
 
 def test_a_lone_server_that_comes_back_is_waited_for() -> None:
