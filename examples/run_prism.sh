@@ -13,18 +13,20 @@ cd "$(dirname "$0")/.."
 
 bash tools/install.sh
 
-prism() {
-  .venv/bin/python -m torch.distributed.run \
-    --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${NPROC:-1}" \
-    --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}" \
-    -m prism_mcore "$@"
-}
+# Workers die with their launcher (runtime.exit_with_launcher); the last launch replaces this shell (exec), so
+# killing the script kills the whole run.
+launch=(
+  .venv/bin/python -m torch.distributed.run
+  --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${NPROC:-1}"
+  --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}"
+  -m prism_mcore
+)
 
 if [ "${1:-}" = "--compare" ]; then
   shift
   # Same seeds; the baseline's RLVR starts from the PRISM run's SFT export, so the two differ only by stage 2.
-  prism run --recipe embedded run.output_dir=runs/compare/prism "$@"
-  prism run --recipe embedded run.output_dir=runs/compare/baseline run.stages=rlvr \
+  "${launch[@]}" run --recipe embedded run.output_dir=runs/compare/prism "$@"
+  "${launch[@]}" run --recipe embedded run.output_dir=runs/compare/baseline run.stages=rlvr \
     model.policy_path=runs/compare/prism/hf/sft "$@"
   exec .venv/bin/python -m prism_mcore compare runs/compare/baseline runs/compare/prism
 fi
@@ -32,4 +34,4 @@ fi
 recipe=${1:-embedded}
 shift || true
 [ -f "examples/recipes/$recipe.py" ] && recipe="examples/recipes/$recipe.py"
-prism run --recipe "$recipe" "$@"
+exec "${launch[@]}" run --recipe "$recipe" "$@"

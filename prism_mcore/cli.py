@@ -20,6 +20,7 @@ import sys
 
 from prism_mcore.config import RECIPES, STAGES, Config, ConfigError, apply_overrides, load_recipe, to_dict
 from prism_mcore.training.metrics import global_rank
+from prism_mcore.training.run_lock import RunFolderInUse
 
 STAGE_HELP = {
     "sft": "Stage 1: supervised fine-tuning of the policy on multimodal demonstrations",
@@ -107,8 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for runner in runners:
-        runner(config)
+    try:
+        for runner in runners:
+            runner(config)
+    except RunFolderInUse as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     if args.command == "run" and global_rank() == 0:
         from prism_mcore import report
 
