@@ -70,6 +70,21 @@ def check_model_settings(config: Config) -> None:
         raise ConfigError(str(err)) from None
 
 
+def check_schedules(config: Config) -> None:
+    """Refuse an LR warmup as long as its stage (a stage of fixed length: alignment, RLVR), naming the key."""
+    for key, optim, steps in (
+        ("align.policy_optim", config.align.policy_optim, config.align.steps),
+        ("align.discriminator_optim", config.align.discriminator_optim, config.align.steps),
+        ("rlvr.optim", config.rlvr.optim, config.rlvr.steps),
+    ):
+        if optim.warmup_steps and optim.warmup_steps >= steps:
+            step_key = key.split(".")[0] + ".steps"
+            raise ConfigError(
+                f"{key}.warmup_steps={optim.warmup_steps} must be below {step_key}={steps} "
+                "(the schedule needs steps after its warmup)"
+            )
+
+
 def _stage_runner(stage: str):
     module_name = f"prism_mcore.stages.{stage}"
     if importlib.util.find_spec("prism_mcore.stages") is None or importlib.util.find_spec(module_name) is None:
@@ -104,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ConfigError(f"run.stages: unknown stage(s) {unknown}; allowed: {', '.join(STAGES)}")
         check_model_settings(config)
+        check_schedules(config)
         runners = [_stage_runner(stage) for stage in stages]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

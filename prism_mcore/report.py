@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prism_mcore.config.schema import STAGES
+from prism_mcore.files import write_text_atomic
 from prism_mcore.training.metrics import plot_metrics
 
 PLOTTED = {
@@ -68,7 +69,7 @@ def finalize(run_dir: str | Path) -> str:
     summary = load_summary(run_dir)
     plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "training_curves.png", PLOTTED)
     summary["plot"] = str(plot)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return f"{stage_table(summary)}\n\nplot:    {plot}\nsummary: {run_dir / 'summary.json'}"
 
 

@@ -1,4 +1,5 @@
-"""Test-suite wiring: GPU tests skip without CUDA; slow tests run only when asked for."""
+"""Test-suite wiring: GPU tests skip without CUDA; slow tests run only when asked for; no test leaks its attention
+backend setting into the next."""
 
 from __future__ import annotations
 
@@ -21,3 +22,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
         if "slow" in item.keywords and "slow" not in markexpr:
             item.add_marker(pytest.mark.skip(reason="slow: run with `pytest -m slow`"))
+
+
+@pytest.fixture(autouse=True)
+def _no_attention_backend_leaks() -> None:
+    """Megatron's model constructors write their attention-backend choice into os.environ (NVTE_FLASH_ATTN, ...)
+    and refuse a conflicting value later: keep one test's choice out of the next test's models and child processes."""
+    before = {key: value for key, value in os.environ.items() if key.startswith("NVTE_")}
+    yield
+    for key in [key for key in os.environ if key.startswith("NVTE_")]:
+        del os.environ[key]
+    os.environ.update(before)

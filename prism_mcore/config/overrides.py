@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+from prism_mcore.files import write_text_atomic
+
 
 class ConfigError(ValueError):
     """A config key or value the schema does not allow; the message is one line meant for the user."""
@@ -150,9 +152,4 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def save_config(config: Any, path: str | Path) -> Path:
     """Write the resolved config as JSON (atomically: a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(to_dict(config), indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, json.dumps(to_dict(config), indent=2, sort_keys=False) + "\n")

@@ -32,6 +32,7 @@ from prism_mcore.data.errors import DataStats, checked
 from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_prompts
 from prism_mcore.data.samples import LengthLimits, SampleBuilder
+from prism_mcore.files import write_text_atomic
 from prism_mcore.models import iter_hf_weights
 from prism_mcore.record import Sample
 from prism_mcore.rewards import ResponseSegmenter, reward_batch
@@ -171,8 +172,10 @@ def input_checkpoint(ctx: RunContext, stage: str, key: str) -> str:
 
 
 def finish_stage(ctx: RunContext, stage: str, record: dict[str, Any]) -> None:
-    mark_stage_done(ctx.run_dir, stage, record)
+    """Record a finished stage: its results in the summary first, then its marker (a run killed in between redoes
+    the stage rather than skipping it with its results missing)."""
     update_summary(ctx, stage, record)
+    mark_stage_done(ctx.run_dir, stage, record)
     ctx.barrier()
 
 
@@ -184,9 +187,7 @@ def update_summary(ctx: RunContext, stage: str, record: dict[str, Any]) -> None:
     summary = json.loads(path.read_text()) if path.exists() else {"stages": {}}
     summary["stages"][stage] = record
     summary.setdefault("data", {}).update({name: stats.summary() for name, stats in ctx.data_stats.items()})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(summary, indent=2))
 
 
 def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -> list[Sample]:

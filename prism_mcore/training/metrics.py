@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from prism_mcore.files import write_text_atomic
+
 T = TypeVar("T")
 
 
@@ -87,9 +89,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in read_metrics(self.path) if r["stage"] != stage or r["step"] <= last_step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def close(self) -> None:
         if self._writer is not None:
@@ -97,10 +97,21 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics file. A last line cut off mid-write (a killed run, a full disk) is left out; a bad
+    line anywhere else is an error naming it."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if position == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from None
+    return records
 
 
 def plot_metrics(metrics_path: str | Path, png_path: str | Path, keys_by_stage: dict[str, list[str]]) -> Path:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from prism_mcore.files import write_text_atomic
 from prism_mcore.training.checkpoint import load_model_state, model_sharded_state
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -144,8 +145,4 @@ def mark_stage_done(run_dir: str | Path, stage: str, record: dict[str, Any]) -> 
     """Rank 0 writes the marker atomically; a stage with a marker is skipped when the pipeline restarts."""
     if _rank() != 0:
         return
-    path = stage_done_path(run_dir, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    write_text_atomic(stage_done_path(run_dir, stage), json.dumps(record, indent=2))

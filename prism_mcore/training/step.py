@@ -89,6 +89,11 @@ def build_optimizer(
     )
     total_steps = max(total_steps, 1)
     warmup = optim.warmup_steps or int(round(optim.warmup_ratio * total_steps))
+    if warmup >= total_steps:
+        raise ValueError(
+            f"{warmup} learning-rate warmup steps leave nothing of a {total_steps}-step schedule: "
+            "lower the optimizer's warmup_steps / warmup_ratio or train more steps"
+        )
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if warmup else optim.lr,
@@ -215,15 +220,11 @@ def train_step(
     found_inf = optimizer.prepare_grads()
     grad_norm = optimizer.get_grad_norm()
     skipped = bool(found_inf) or not math.isfinite(grad_norm)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler then sets the next one)
     if not skipped:
         optimizer.step()
         scheduler.step(increment=1)
-    return StepResult(
-        metrics=_reduce_metrics(per_microbatch),
-        grad_norm=float(grad_norm),
-        lr=optimizer.param_groups[0]["lr"],
-        skipped=skipped,
-    )
+    return StepResult(metrics=_reduce_metrics(per_microbatch), grad_norm=float(grad_norm), lr=lr, skipped=skipped)
 
 
 def forward_only(models: list[torch.nn.Module], forward_step: ForwardStep, microbatches: list[Any]) -> list[Any]:

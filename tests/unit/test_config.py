@@ -109,3 +109,18 @@ def test_cli_refuses_settings_that_need_transformer_engine(
     err = capsys.readouterr().err.strip()
     key = override.split("=")[0]
     assert err.startswith(f"error: {key}=") and "transformer-engine" in err and "\n" not in err
+
+
+def test_cli_refuses_a_warmup_as_long_as_its_stage(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from prism_mcore import cli
+
+    monkeypatch.setattr(cli, "_stage_runner", lambda stage: pytest.fail(f"stage {stage} started"))
+    recipe = str(Path(__file__).parents[2] / "examples/recipes/qwen3vl_4b_dapo.py")  # 10 DAPO warmup steps
+    assert main(["run", "--recipe", recipe, "rlvr.steps=10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == "error: rlvr.optim.warmup_steps=10 must be below rlvr.steps=10 (the schedule needs steps after its warmup)"
+    )
