@@ -173,6 +173,7 @@ class SGLangEngine(RolloutEngine):
                 attempts.append(f"{endpoint.url}: answered from weight version {completion.weight_version!r}")
             elif self.vision_token_ids.intersection(completion.output_ids):
                 attempts.append(f"{endpoint.url}: response contains a vision placeholder token; sampled again")
+                payload = _next_seed(payload)  # the same seed would sample the same tokens again
             else:
                 return completion
         raise RolloutError(f"no completion for sample {uid!r} after {len(attempts)} attempts: " + "; ".join(attempts))
@@ -244,3 +245,14 @@ class SGLangEngine(RolloutEngine):
         self.weight_sync.close(self.endpoints)
         for endpoint in self.endpoints:
             endpoint.close()
+
+
+RESAMPLE_SEED_STRIDE = 1_000_003  # a prime far above any batch's seed offsets
+
+
+def _next_seed(payload: dict[str, Any]) -> dict[str, Any]:
+    """`payload` with a different `sampling_seed` (if it has one), for sampling a rejected completion again."""
+    params = payload.get("sampling_params") or {}
+    if params.get("sampling_seed") is None:
+        return payload
+    return {**payload, "sampling_params": {**params, "sampling_seed": params["sampling_seed"] + RESAMPLE_SEED_STRIDE}}

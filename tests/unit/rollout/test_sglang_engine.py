@@ -167,9 +167,11 @@ def test_aborted_requests_and_vision_tokens_are_sampled_again() -> None:
 
     with fake_servers(scripted) as (server,):
         engine = _engine([server.url])
-        (sample,) = engine.generate(PROMPTS[:1], SamplingParams())
+        (sample,) = engine.generate(PROMPTS[:1], SamplingParams(seed=3))
         engine.close()
     assert sample.response_ids == [5, 2] and _generates(server) == 3
+    seeds = [body["sampling_params"]["sampling_seed"] for path, body in server.requests if path == "/generate"]
+    assert seeds[0] == seeds[1] != seeds[2]  # an aborted request is sent again as is; a rejected sample reseeded
 
 
 def test_rejected_requests_fail_at_once() -> None:
