@@ -13,6 +13,7 @@ Released setting: AdamW lr 1e-5, cosine with 10% warmup, 1 epoch, 128 pairs per 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 from prism_mcore.config.schema import Config
@@ -21,6 +22,7 @@ from prism_mcore.data.errors import DataStats, checked
 from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_warmup
 from prism_mcore.data.samples import SampleBuilder, SegmentPair
+from prism_mcore.files import write_text_atomic
 from prism_mcore.models import build_discriminator, save_hf
 from prism_mcore.rollout import SamplingParams
 from prism_mcore.stages.common import (
@@ -65,9 +67,23 @@ def self_play_pairs(ctx: RunContext, config: Config) -> list[SegmentPair]:
     """The SFT policy's format-valid samples on alignment prompts, paired with the teacher's segments."""
     prompts = load_prompts(ctx, config.data.align_path, "warmup self-play", require_teacher=True)
     prompts = batch_for_step(prompts, 0, min(config.warmup.self_play_pairs, len(prompts)), config.run.seed)
-    engine = make_engine(ctx, input_checkpoint(ctx, STAGE, POLICY_HF))
-    params = dataclasses.replace(SamplingParams.from_config(config.rollout, seed=config.run.seed), n=1)
-    samples = rollout(ctx, engine, prompts, params)
+    # A restarted warmup must train on the same pairs (and hold out the same ones): the responses are kept in the
+    # run folder, since GPU and SGLang sampling do not repeat bit for bit.
+    kept = ctx.stage_dir("stages", "warmup_self_play.json")
+    record = json.loads(kept.read_text()) if kept.exists() else None
+    if record is not None and record["uids"] == [prompt.uid for prompt in prompts]:
+        samples = [
+            dataclasses.replace(prompt, response_ids=ids)
+            for prompt, ids in zip(prompts, record["responses"], strict=True)
+        ]
+        ctx.segmenter.segment_samples(samples)
+    else:
+        engine = make_engine(ctx, input_checkpoint(ctx, STAGE, POLICY_HF))
+        params = dataclasses.replace(SamplingParams.from_config(config.rollout, seed=config.run.seed), n=1)
+        samples = rollout(ctx, engine, prompts, params)
+        if ctx.is_main:
+            responses = [sample.response_ids for sample in samples]
+            write_text_atomic(kept, json.dumps({"uids": [prompt.uid for prompt in prompts], "responses": responses}))
     pairs = []
     for sample in samples:
         if sample.format_valid:

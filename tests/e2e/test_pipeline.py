@@ -88,6 +88,8 @@ def test_every_stage_ran_with_finite_metrics(killed_and_resumed: tuple[Path, str
             assert 0.0 <= evaluation[split]["accuracy"] <= 1.0 and 0.0 <= evaluation[split]["format_valid"] <= 1.0
         assert (Path(summary["stages"][stage]["policy_hf"]) / "config.json").exists()
     assert 0.0 <= summary["stages"]["warmup"]["heldout_accuracy"] <= 1.0
+    kept = json.loads((run_dir / "stages" / "warmup_self_play.json").read_text())  # a restarted warmup reuses them
+    assert len(kept["uids"]) == len(kept["responses"]) == 8 and all(kept["responses"])
     assert Path(summary["plot"]).stat().st_size > 0
     assert json.loads((run_dir / "config.json").read_text())["align"]["steps"] == 4
     records = _metrics(run_dir)
