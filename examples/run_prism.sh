@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: PRISM's stages (SFT -> discriminator warmup -> alignment -> RLVR) under torchrun.
 #
-#   bash examples/run_prism.sh                    # the embedded default on this machine (CPU is fine), ~10 min
+#   bash examples/run_prism.sh                    # the embedded default on this machine (CPU is fine), 10-15 min
 #   bash examples/run_prism.sh RECIPE [k=v ...]   # examples/recipes/RECIPE.py, a registered recipe, or a recipe file
 #   bash examples/run_prism.sh --compare [k=v]    # SFT -> RLVR vs SFT -> PRISM -> RLVR on the embedded default
 #   NPROC=8 bash examples/run_prism.sh RECIPE     # ranks on this node (multi-node: set NNODES, NODE_RANK, MASTER_ADDR)
