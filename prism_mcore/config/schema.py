@@ -101,7 +101,7 @@ class RolloutConfig:
     weight_sync_master_port: int = 29600  # distributed sync: port of the trainer's rendezvous store
     local_max_batch_size: int = 64  # local engine: sequences per generate call
     # Colocated servers (sharing the trainer's GPUs) give their memory back while the trainer runs: released after
-    # each generation or weight sync, resumed before the next (/release_ and /resume_memory_occupation).
+    # each generation, resumed before the next weight sync or generation (/release_ and /resume_memory_occupation).
     offload_during_training: bool = False
     tis_cap: float = 0.0  # truncated importance-sampling cap for rollout/trainer mismatch; 0 disables it
 

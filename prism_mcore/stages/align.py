@@ -77,34 +77,36 @@ def discriminator_microbatches(ctx: RunContext, samples: list[Sample], budget: i
             teachers[sample.uid] = ctx.builder.teacher_segments(sample)
         return teachers[sample.uid]
 
-    def batch(chosen: list[Sample]) -> DiscriminatorBatch:
+    def batch(chosen: list[tuple[Sample, tuple]]) -> DiscriminatorBatch:
+        """A micro-batch of (sample, its student segments) pairs and their prompts' teacher segments."""
         prompts: dict[str, Sample] = {}  # uid -> the prompt's first sample, in order of appearance
-        for sample in chosen:
+        for sample, _ in chosen:
             prompts.setdefault(sample.uid, sample)
         index = {uid: i for i, uid in enumerate(prompts)}
-        students = [ctx.builder.student_segments(sample) for sample in chosen]
+        students = [segments for _, segments in chosen]
         teacher_pairs = [teacher(first) for first in prompts.values()]
         sequences = [c for c, _ in students] + [t for _, t in students]
         sequences += [c for c, _ in teacher_pairs] + [t for _, t in teacher_pairs]
         return DiscriminatorBatch(
             packed=pack_sequences(sequences),
-            valid=torch.tensor([sample.format_valid for sample in chosen]),
-            teacher_index=torch.tensor([index[sample.uid] for sample in chosen]),
+            valid=torch.tensor([sample.format_valid for sample, _ in chosen]),
+            teacher_index=torch.tensor([index[sample.uid] for sample, _ in chosen]),
             num_prompts=len(prompts),
             num_valid_global=0,
         )
 
-    groups: list[list[Sample]] = []
+    groups: list[list[tuple[Sample, tuple]]] = []
     cost, seen = 0, set()
     for sample in dp_share(ctx, samples):
-        student_cost = sum(len(segment) for segment in ctx.builder.student_segments(sample))
+        students = ctx.builder.student_segments(sample)
+        student_cost = sum(len(segment) for segment in students)
         teacher_cost = sum(len(segment) for segment in teacher(sample))
         sample_cost = student_cost + (0 if sample.uid in seen else teacher_cost)
         if not groups or cost + sample_cost > budget:
             groups.append([])
             cost, seen = 0, set()
             sample_cost = student_cost + teacher_cost
-        groups[-1].append(sample)
+        groups[-1].append((sample, students))
         seen.add(sample.uid)
         cost += sample_cost
     batches = [batch(group) for group in groups]
@@ -112,7 +114,7 @@ def discriminator_microbatches(ctx: RunContext, samples: list[Sample], budget: i
     shares = gather_data_parallel(valid) if ctx.env.dp > 1 else [valid]
     totals = [sum(share[i] for share in shares if i < len(share)) for i in range(len(batches))]
     batches = [dataclasses.replace(b, num_valid_global=n) for b, n in zip(batches, totals, strict=True)]
-    return or_filler(batches, lambda: batch(samples[:1]))
+    return or_filler(batches, lambda: batch([(samples[0], ctx.builder.student_segments(samples[0]))]))
 
 
 def score_rollouts(ctx: RunContext, discriminator, samples: list[Sample], score_clip: float, budget: int) -> None:

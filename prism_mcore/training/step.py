@@ -147,7 +147,7 @@ class Filler:
     batch: Any
 
 
-def real_count(microbatches: list[Any]) -> int:
+def _real_count(microbatches: list[Any]) -> int:
     return sum(not isinstance(batch, Filler) for batch in microbatches)
 
 
@@ -231,7 +231,7 @@ def forward_only(models: list[torch.nn.Module], forward_step: ForwardStep, micro
     """Run the schedule without gradients (scoring); returns the metrics dict of each micro-batch that is not a
     `Filler` (on the last pipeline stage; an empty list on the others)."""
     with torch.no_grad():
-        return _run_schedule(models, forward_step, microbatches, forward_only=True)[: real_count(microbatches)]
+        return _run_schedule(models, forward_step, microbatches, forward_only=True)[: _real_count(microbatches)]
 
 
 def forward_metrics(
