@@ -105,3 +105,36 @@ def test_offload_frees_optimizer_storage_but_never_the_weights(runtime) -> None:
     offload.reload()
     assert all(m.untyped_storage().nbytes() > 0 for m in moments)
     assert all(p.main_grad.abs().sum() == 0 for p in models[0].parameters())  # gradients come back zeroed
+
+
+def test_an_offloaded_trainable_checkpoints_and_resumes_its_full_state(runtime, tmp_path) -> None:
+    """Checkpoints bring the state back for the save and load (`stages.common.all_resident`): a run resumed from
+    an offloaded trainable's checkpoint continues exactly like the uninterrupted run."""
+    from prism_mcore.stages.common import Trainable, all_resident
+    from prism_mcore.training.offload import IdleStateOffload
+    from prism_mcore.training.resume import CheckpointManager
+
+    def trainable() -> Trainable:
+        models, optimizer, scheduler = _trainable(bf16=False)
+        made = Trainable(handle=None, models=models, optimizer=optimizer, scheduler=scheduler)
+        made.idle_offload = IdleStateOffload(models, optimizer)
+        made.idle_offload.offload()
+        return made
+
+    straight, first = trainable(), trainable()
+    for step in range(2):
+        straight.step(tiny_gpt.forward_step, tiny_gpt.microbatches(step, 0, 1))
+        first.step(tiny_gpt.forward_step, tiny_gpt.microbatches(step, 0, 1))
+    manager = CheckpointManager(tmp_path / "ckpt")
+    with all_resident({"gpt": first}):
+        manager.save(2, {"gpt": first})
+    assert first.idle_offload.offloaded and first.idle_offload.resident_bytes() == 0
+
+    resumed = trainable()
+    with all_resident({"gpt": resumed}):
+        manager.load(manager.latest(), {"gpt": resumed})
+    assert resumed.idle_offload.offloaded and resumed.idle_offload.resident_bytes() == 0
+    for step in range(2, 4):
+        expected = straight.step(tiny_gpt.forward_step, tiny_gpt.microbatches(step, 0, 1))
+        result = resumed.step(tiny_gpt.forward_step, tiny_gpt.microbatches(step, 0, 1))
+        assert result.metrics == expected.metrics and result.grad_norm == expected.grad_norm
