@@ -95,6 +95,9 @@ def qwen3vl_cluster(size: str = "4b", rl: str = "grpo", with_prism: bool = True)
     # gradients and optimizer state in host memory.
     config.align.offload_idle_states = True
     config.rlvr.offload_idle_states = True
+    # Without recomputation one 8192-token micro-batch's activations (about 30 GiB at 4B) leave 3 GiB free in
+    # alignment, and GSPO's 20480-token micro-batches do not fit at all (tools/memory_plan.py, BENCHMARKS.md).
+    config.model.recompute_activations = True
     config.rlvr.policy_loss.preset = rl
     config.rlvr.optim.weight_decay = 0.01 if rl == "grpo" else 0.1
     if rl == "dapo":
