@@ -17,7 +17,8 @@ Backward: with x = logits / tau, p = softmax(x), upstream gradients g_lp (log-pr
 
 (d entropy/dx_v = p_v (E_p[x] - x_v)). A kernel recomputes each logit tile from the saved hidden states and weight,
 turns it into dL/dz in registers and writes one vocabulary chunk [T, C] at a time; two cuBLAS matmuls per chunk
-give dL/dhidden (+= g W_chunk) and dL/dW_chunk (= g^T hidden). C keeps that buffer near 256 MiB. Under tensor
+give dL/dhidden (+= g W_chunk, summed in fp32 across chunks) and dL/dW_chunk (= g^T hidden). C keeps that buffer near
+256 MiB. Under tensor
 parallelism the hidden-state gradient is summed over the group, as the hidden states were replicated into it.
 """
 
@@ -326,7 +327,7 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
                 **_kernel_options(hidden.dtype, tiles),
             )
             if wants_hidden:
-                grad_hidden += grad_chunk @ weight_chunk
+                _add_product_fp32(grad_hidden, grad_chunk, weight_chunk)
             if wants_weight:
                 torch.matmul(grad_chunk.T, hidden, out=grad_weight[chunk_start : chunk_start + width])
         if wants_hidden:
@@ -334,6 +335,18 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
                 dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.group)
             grad_hidden = grad_hidden.to(hidden.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _add_product_fp32(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`total += a @ b` for an fp32 `total`, without rounding a bf16/fp16 product to its dtype first: the hidden
+    gradient sums one product per vocabulary chunk, and rounding each to bf16 would lose ~3 digits per chunk.
+    cuBLAS writes the low-precision product straight into the fp32 sum; elsewhere the operands are upcast."""
+    if a.dtype == torch.float32:
+        total.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    else:
+        total.addmm_(a.float(), b.float())
 
 
 def fused_linear_logprobs_and_entropy(

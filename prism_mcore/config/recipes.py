@@ -91,6 +91,13 @@ def qwen3vl_cluster(size: str = "4b", rl: str = "grpo", with_prism: bool = True)
     config.data.max_tokens_per_microbatch = 8192  # SFT, warmup and alignment (policy and D): 8192 tokens per GPU
     config.rlvr.max_tokens_per_microbatch = 20480 if rl == "gspo" else 10240  # PRISM_SPEC §5.1
     config.rollout.offload_during_training = True  # colocated SGLang servers (tensor weight sync)
+    # Policy and D training states together fill an 80 GB H100 (tools/memory_plan.py): keep the idle one's
+    # gradients and optimizer state in host memory.
+    config.align.offload_idle_states = True
+    config.rlvr.offload_idle_states = True
+    # Without recomputation one 8192-token micro-batch's activations (about 30 GiB at 4B) leave 3 GiB free in
+    # alignment, and GSPO's 20480-token micro-batches do not fit at all (tools/memory_plan.py, BENCHMARKS.md).
+    config.model.recompute_activations = True
     config.rlvr.policy_loss.preset = rl
     config.rlvr.optim.weight_decay = 0.01 if rl == "grpo" else 0.1
     if rl == "dapo":

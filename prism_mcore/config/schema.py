@@ -193,6 +193,9 @@ class AlignConfig:
     score_reg_coef: float = 0.001
     policy_loss: PolicyLossSettings = field(default_factory=lambda: PolicyLossSettings(preset="prism_align"))
     policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
+    # Between its own updates, each model keeps only its weights on the GPU: gradients and optimizer state wait in
+    # host memory while the other model trains (training/offload.py; tools/memory_plan.py shows what it saves).
+    offload_idle_states: bool = False
     discriminator_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
 
 
@@ -211,6 +214,7 @@ class RLVRConfig:
     max_generation_batches: int = 10
     overlong_buffer: int = 0  # DAPO overlong penalty buffer length in tokens; 0 disables it
     overlong_penalty_factor: float = 1.0
+    offload_idle_states: bool = False  # gradients and optimizer state in host memory during rollouts
     policy_loss: PolicyLossSettings = field(default_factory=PolicyLossSettings)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
 

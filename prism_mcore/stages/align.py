@@ -134,7 +134,11 @@ def run(config: Config) -> None:
     prompts = load_prompts(ctx, config.data.align_path, "align", require_teacher=True)
     policy_path = input_checkpoint(ctx, STAGE, POLICY_HF)
     policy = make_trainable(
-        ctx, build_policy(config.model, config.parallel, path=policy_path), cfg.policy_optim, cfg.steps
+        ctx,
+        build_policy(config.model, config.parallel, path=policy_path),
+        cfg.policy_optim,
+        cfg.steps,
+        offload_when_idle=cfg.offload_idle_states,
     )
     discriminator = make_trainable(
         ctx,
@@ -143,6 +147,7 @@ def run(config: Config) -> None:
         ),
         cfg.discriminator_optim,
         cfg.steps,
+        offload_when_idle=cfg.offload_idle_states,
     )
     engine = make_engine(ctx, policy_path)
     budget = token_budget(ctx, cfg.max_tokens_per_microbatch)

@@ -14,7 +14,7 @@ import json
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from prism_mcore.rollout import RolloutEngine, SamplingParams, build_rollout_eng
 from prism_mcore.runtime import DistEnv, broadcast_from_last_stage, gather_data_parallel, init_distributed
 from prism_mcore.training.forward import score_forward, token_batch
 from prism_mcore.training.metrics import MetricsLogger, get_logger, progress
+from prism_mcore.training.offload import IdleStateOffload
 from prism_mcore.training.resume import CheckpointManager, mark_stage_done, read_stage_done
 from prism_mcore.training.run_lock import lock_run_dir
 from prism_mcore.training.step import Filler, build_optimizer, forward_only, train_step, wrap_ddp
@@ -373,21 +374,50 @@ class Trainable:
     models: list[torch.nn.Module]
     optimizer: Any
     scheduler: Any
+    idle_offload: IdleStateOffload | None = None  # gradients and optimizer state in host memory between steps
+
+    @contextmanager
+    def resident(self) -> Iterator[None]:
+        """Gradients and optimizer state on the device inside the block (they always are without offload)."""
+        if self.idle_offload is None:
+            yield
+            return
+        self.idle_offload.reload()
+        try:
+            yield
+        finally:
+            self.idle_offload.offload()
 
     def step(self, forward_step: Callable, microbatches: list) -> Any:
         """One optimizer step of this model over this rank's micro-batches (`training.step.train_step`)."""
+        with self.resident():
+            return train_step(self.models, self.optimizer, self.scheduler, forward_step, microbatches)
 
-        return train_step(self.models, self.optimizer, self.scheduler, forward_step, microbatches)
 
-
-def make_trainable(ctx: RunContext, handle: Any, optim: OptimConfig, total_steps: int) -> Trainable:
-
+def make_trainable(
+    ctx: RunContext, handle: Any, optim: OptimConfig, total_steps: int, offload_when_idle: bool = False
+) -> Trainable:
+    """`handle`'s chunks in Megatron DDP with their optimizer and schedule; with `offload_when_idle`, gradients and
+    optimizer state live in host memory except during the model's own steps and checkpoints."""
     distributed_optimizer = ctx.config.parallel.distributed_optimizer and torch.cuda.is_available()
     models = wrap_ddp(handle.chunks, use_distributed_optimizer=distributed_optimizer)
     optimizer, scheduler = build_optimizer(
         models, optim, total_steps, distributed_optimizer, bf16=bool(getattr(handle.config, "bf16", False))
     )
-    return Trainable(handle=handle, models=models, optimizer=optimizer, scheduler=scheduler)
+    trainable = Trainable(handle=handle, models=models, optimizer=optimizer, scheduler=scheduler)
+    if offload_when_idle:
+        trainable.idle_offload = IdleStateOffload(models, optimizer)
+        trainable.idle_offload.offload()
+    return trainable
+
+
+@contextmanager
+def all_resident(trainables: dict[str, Trainable]) -> Iterator[None]:
+    """Every trainable's full state on the device (checkpoint save and load read and write it)."""
+    with ExitStack() as stack:
+        for trainable in trainables.values():
+            stack.enter_context(trainable.resident())
+        yield
 
 
 def prompt_order(num_prompts: int, seed: int, epoch: int) -> list[int]:
@@ -437,7 +467,8 @@ def run_steps(
     if latest is None:
         ctx.metrics.truncate(stage, 0)  # a stage killed before its first checkpoint starts over
     else:
-        record = manager.load(latest, trainables)
+        with all_resident(trainables):
+            record = manager.load(latest, trainables)
         start = record["step"]
         state.update(record["meta"].get("state", {}))
         ctx.metrics.truncate(stage, start)
@@ -453,7 +484,8 @@ def run_steps(
             shown = ", ".join(f"{key} {metrics[key]:.4g}" for key in log_keys if key in metrics)
             log.info("%s step %d/%d: %s (%.2fs)", stage, step + 1, total_steps, shown, metrics["step_time_s"])
         if (save_every and (step + 1) % save_every == 0) or step + 1 == total_steps:
-            manager.save(step + 1, trainables, meta={"state": state})
+            with all_resident(trainables):
+                manager.save(step + 1, trainables, meta={"state": state})
     return total_steps - start
 
 

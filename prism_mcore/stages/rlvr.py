@@ -57,7 +57,13 @@ def run(config: Config) -> None:
     cfg = config.rlvr
     prompts = load_prompts(ctx, config.data.rl_path, "rlvr", require_teacher=False)
     policy_path = input_checkpoint(ctx, STAGE, POLICY_HF)
-    policy = make_trainable(ctx, build_policy(config.model, config.parallel, path=policy_path), cfg.optim, cfg.steps)
+    policy = make_trainable(
+        ctx,
+        build_policy(config.model, config.parallel, path=policy_path),
+        cfg.optim,
+        cfg.steps,
+        offload_when_idle=cfg.offload_idle_states,
+    )
     engine = make_engine(ctx, policy_path)
     policy_step = policy_forward(
         policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature

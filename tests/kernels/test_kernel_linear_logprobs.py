@@ -117,3 +117,21 @@ def test_fp32_matches_reference_on_gpu():
     got = _forward_backward(fused_linear_logprobs_and_entropy, problem, torch.float32, backward_chunk=4096)
     for name, g, e in zip(OUTPUTS, got, expected, strict=True):
         _assert_close_relative(g, e, 1e-5, name)
+
+
+@pytest.mark.parametrize("on", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_hidden_gradient_sums_chunk_products_in_fp32(on):
+    """Each vocabulary chunk's bf16 product goes into the fp32 sum unrounded (on CUDA through cuBLAS's fp32 output)."""
+    from prism_kernels.linear_logprobs import _add_product_fp32
+
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 64, generator=gen).to(on, torch.bfloat16)
+    b = torch.randn(64, 24, generator=gen).to(on, torch.bfloat16)
+    start = torch.randn(16, 24, generator=gen).to(on)
+    total = start.clone()
+    _add_product_fp32(total, a, b)
+    exact = start.double() + a.double() @ b.double()
+    rounded_first = start + (a @ b).float()  # the product rounded to bf16 before the sum
+    error = (total.double() - exact).abs().max().item()
+    assert total.dtype == torch.float32 and error < 1e-4
+    assert (rounded_first.double() - exact).abs().max().item() > 100 * error

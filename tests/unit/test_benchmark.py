@@ -101,7 +101,7 @@ def test_published_shapes(bench) -> None:
     assert config.text_config.moe_intermediate_size == 6144
 
 
-def test_tiny_run_writes_labelled_rows(tmp_path: Path) -> None:
+def test_tiny_run_writes_labelled_rows(bench, tmp_path: Path) -> None:
     """The tiny shapes end to end (on CPU: the default run), every row with finite numbers and its device."""
     from prism_mcore.runtime.compat import has_transformer_engine
 
@@ -115,10 +115,11 @@ def test_tiny_run_writes_labelled_rows(tmp_path: Path) -> None:
 
     result = json.loads(rows_json.read_text())
     rows = result["rows"]
-    # Ours: packed, padded, recompute (not for log-probs), and both FP8 recipes where TE runs; transformers: packed,
-    # padded.
+    # Ours: packed, padded, recompute (not for log-probs), and both FP8 recipes where TE runs; transformers: padded,
+    # and packed only on flash-attn's variable-length kernel (never through a dense block mask).
     fp8 = 2 if on_gpu and has_transformer_engine() else 0
-    expected = {"sft": 5 + fp8, "rl": 5 + fp8, "disc": 5 + fp8, "logprobs": 4 + fp8}
+    varlen = int(bench.flash_varlen_available(torch.device("cuda" if on_gpu else "cpu")))
+    expected = {"sft": 4 + fp8 + varlen, "rl": 4 + fp8 + varlen, "disc": 4 + fp8 + varlen, "logprobs": 3 + fp8 + varlen}
     assert {w: sum(r["workload"] == w for r in rows) for w in expected} == expected
     for row in rows:
         assert not row["note"], row
@@ -128,6 +129,9 @@ def test_tiny_run_writes_labelled_rows(tmp_path: Path) -> None:
             assert row["vs_transformers"] > 0
     if not fp8:
         assert "fp8-delayed not measured: model.fp8='delayed' needs" in result["run"]["notes"]
+    if not varlen:
+        assert "transformers packed not measured: without flash-attn's variable-length kernel" in result["run"]["notes"]
+        assert not any(r["implementation"] == "transformers" and r["variant"] == "packed" for r in rows)
 
     text = out.read_text()
     if on_gpu:
