@@ -17,13 +17,17 @@ Backward: with x = logits / tau, p = softmax(x), upstream gradients g_lp (log-pr
 
 (d entropy/dx_v = p_v (E_p[x] - x_v)). A kernel recomputes each logit tile from the saved hidden states and weight,
 turns it into dL/dz in registers and writes one vocabulary chunk [T, C] at a time; two cuBLAS matmuls per chunk
-give dL/dhidden (+= g W_chunk, summed in fp32 across chunks) and dL/dW_chunk (= g^T hidden). C keeps that buffer near
-256 MiB. Under tensor
-parallelism the hidden-state gradient is summed over the group, as the hidden states were replicated into it.
+give dL/dhidden (+= g W_chunk, summed in fp32 across chunks) and dL/dW_chunk (= g^T hidden). C keeps that buffer
+near 256 MiB. Under tensor parallelism the hidden-state gradient is summed over the group, as the hidden states were
+replicated into it.
+
+Tile sizes are tuned on a GPU: the first call for a problem size times each candidate of `GPU_TILE_SHAPES` (forward
+and one backward chunk, on the real inputs) and keeps the fastest for that size (`_tiles`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +50,69 @@ class _Tiles:
     target_programs: int  # the forward splits the vocabulary until about this many programs run
 
 
-def _tiles(device: torch.device) -> _Tiles:
-    if interpreting():
-        # The interpreter pays per program and per operation, not per element: few, minimum-size (16) tiles.
-        return _Tiles(block_t=16, block_v=32, block_h=16, num_warps=1, target_programs=8)
+# The interpreter pays per program and per operation, not per element: few, minimum-size (16) tiles.
+INTERPRETER_TILES = _Tiles(block_t=16, block_v=32, block_h=16, num_warps=1, target_programs=8)
+# (BLOCK_T, BLOCK_V, BLOCK_H, warps) tried on a GPU; the first is the choice when results must be deterministic.
+GPU_TILE_SHAPES = (
+    (64, 128, 32, 8),
+    (128, 128, 32, 8),
+    (64, 256, 32, 8),
+    (128, 64, 64, 4),
+    (64, 64, 64, 4),
+    (32, 128, 64, 4),
+)
+_TUNED_TILES: dict[tuple, _Tiles] = {}
+
+
+def gpu_tile_candidates(device: torch.device) -> list[_Tiles]:
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    return _Tiles(block_t=64, block_v=128, block_h=32, num_warps=8, target_programs=4 * sm_count)
+    return [_Tiles(t, v, h, warps, target_programs=4 * sm_count) for t, v, h, warps in GPU_TILE_SHAPES]
+
+
+def fastest_tiles(candidates: list[_Tiles], milliseconds: Callable[[_Tiles], float]) -> _Tiles:
+    """The candidate with the smallest time; ties go to the earlier one."""
+    timings = [milliseconds(tiles) for tiles in candidates]
+    return candidates[timings.index(min(timings))]
+
+
+def _cuda_milliseconds(run: Callable[[], object], repeats: int = 3) -> float:
+    run()  # compiles this tile configuration
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _tiles(hidden: torch.Tensor, weight: torch.Tensor, local_targets: torch.Tensor) -> _Tiles:
+    """Tile sizes for this problem: tuned once per (device, token count rounded up to a power of two, vocabulary
+    shard, hidden size, dtype) by timing each candidate's forward and one backward chunk on the real inputs. Tile
+    sizes change the fp32 summation order, so under `torch.use_deterministic_algorithms` the first candidate is used
+    without timing anything."""
+    if interpreting():
+        return INTERPRETER_TILES
+    candidates = gpu_tile_candidates(hidden.device)
+    if torch.are_deterministic_algorithms_enabled():
+        return candidates[0]
+    num_tokens, hidden_size = hidden.shape
+    key = (hidden.device, triton.next_power_of_2(num_tokens), weight.shape[0], hidden_size, hidden.dtype)
+    if key not in _TUNED_TILES:
+        zeros = torch.zeros(num_tokens, dtype=torch.float32, device=hidden.device)
+        width = min(weight.shape[0], BACKWARD_BUFFER_BYTES // max(1, num_tokens * weight.element_size()))
+        scratch = torch.empty(num_tokens, width, dtype=weight.dtype, device=weight.device)
+
+        def forward_and_one_backward_chunk(tiles: _Tiles) -> None:
+            _forward_stats(hidden, weight, local_targets, 1.0, tiles)
+            _grad_logits_chunk(
+                hidden, weight[:width], local_targets, zeros, zeros, zeros, zeros, scratch, 0, 1.0, tiles
+            )
+
+        _TUNED_TILES[key] = fastest_tiles(
+            candidates, lambda tiles: _cuda_milliseconds(lambda: forward_and_one_backward_chunk(tiles))
+        )
+    return _TUNED_TILES[key]
 
 
 @triton.jit
@@ -255,6 +316,43 @@ def _forward_stats(
     return stats
 
 
+def _grad_logits_chunk(
+    hidden: torch.Tensor,
+    weight_chunk: torch.Tensor,
+    local_targets: torch.Tensor,
+    lse: torch.Tensor,
+    mean_logit: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_chunk: torch.Tensor,
+    chunk_start: int,
+    inv_temperature: float,
+    tiles: _Tiles,
+) -> None:
+    """dL/dlogits of the vocabulary columns `chunk_start ..` covered by `weight_chunk`, written into `grad_chunk`."""
+    num_tokens, width = grad_chunk.shape
+    grid = (triton.cdiv(num_tokens, tiles.block_t), triton.cdiv(width, tiles.block_v))
+    _grad_logits_kernel[grid](
+        hidden,
+        weight_chunk,
+        local_targets,
+        lse,
+        mean_logit,
+        grad_logp,
+        grad_entropy,
+        grad_chunk,
+        num_tokens,
+        width,
+        hidden.shape[1],
+        hidden.stride(0),
+        weight_chunk.stride(0),
+        grad_chunk.stride(0),
+        chunk_start,
+        inv_temperature,
+        **_kernel_options(hidden.dtype, tiles),
+    )
+
+
 class _LinearLogprobsEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -269,7 +367,7 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, weight = hidden.contiguous(), weight.contiguous()
         local_targets = (targets - vocab_start).contiguous()
-        tiles = _tiles(hidden.device)
+        tiles = _tiles(hidden, weight, local_targets)
         stats = _forward_stats(hidden, weight, local_targets, 1.0 / temperature, tiles)
         shard_max = stats[0].amax(dim=0)
         rescale = torch.exp(stats[0] - shard_max)
@@ -306,8 +404,7 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
             width = min(chunk, vocab_size - chunk_start)
             weight_chunk = weight[chunk_start : chunk_start + width]
             grad_chunk = grad_logits[:, :width]
-            grid = (triton.cdiv(num_tokens, tiles.block_t), triton.cdiv(width, tiles.block_v))
-            _grad_logits_kernel[grid](
+            _grad_logits_chunk(
                 hidden,
                 weight_chunk,
                 local_targets,
@@ -316,15 +413,9 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
                 grad_logp,
                 grad_entropy,
                 grad_chunk,
-                num_tokens,
-                width,
-                hidden_size,
-                hidden.stride(0),
-                weight.stride(0),
-                grad_logits.stride(0),
                 chunk_start,
                 ctx.inv_temperature,
-                **_kernel_options(hidden.dtype, tiles),
+                tiles,
             )
             if wants_hidden:
                 _add_product_fp32(grad_hidden, grad_chunk, weight_chunk)

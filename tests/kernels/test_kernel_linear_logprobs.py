@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from prism_kernels.linear_logprobs import fused_linear_logprobs_and_entropy
+from prism_kernels.linear_logprobs import GPU_TILE_SHAPES, fused_linear_logprobs_and_entropy
 
 from prism_mcore.algorithms import linear_logprobs_and_entropy
 
@@ -135,3 +135,34 @@ def test_hidden_gradient_sums_chunk_products_in_fp32(on):
     error = (total.double() - exact).abs().max().item()
     assert total.dtype == torch.float32 and error < 1e-4
     assert (rounded_first.double() - exact).abs().max().item() > 100 * error
+
+
+@pytest.mark.parametrize("shape", GPU_TILE_SHAPES)
+def test_every_tuned_tile_shape_matches_reference(shape, device, monkeypatch):
+    """The autotuner may pick any candidate: each must give the reference's values (here in the interpreter)."""
+    from prism_kernels import linear_logprobs
+
+    block_t, block_v, block_h, warps = shape
+    tiles = linear_logprobs._Tiles(block_t, block_v, block_h, warps, target_programs=4)
+    monkeypatch.setattr(linear_logprobs, "_tiles", lambda *args: tiles)
+    problem = _problem(tokens=40, vocab=300, hidden=72, dtype=torch.float32, device=device, seed=4)
+    expected = _forward_backward(linear_logprobs_and_entropy, problem, torch.float32, temperature=0.9)
+    got = _forward_backward(
+        fused_linear_logprobs_and_entropy, problem, torch.float32, temperature=0.9, backend="triton", backward_chunk=128
+    )
+    for name, g, e in zip(OUTPUTS, got, expected, strict=True):
+        _assert_close_relative(g, e, 1e-5, name)
+
+
+def test_tuner_keeps_the_fastest_candidate():
+    from prism_kernels.linear_logprobs import _Tiles, fastest_tiles
+
+    candidates = [_Tiles(64, 128, 32, 8, 8), _Tiles(128, 128, 32, 8, 8), _Tiles(32, 128, 64, 4, 8)]
+    timed = []
+
+    def milliseconds(tiles):
+        timed.append(tiles)
+        return {64: 2.0, 128: 1.5, 32: 1.5}[tiles.block_t]
+
+    assert fastest_tiles(candidates, milliseconds) == candidates[1]  # a tie goes to the earlier candidate
+    assert timed == candidates  # each timed once
