@@ -24,8 +24,7 @@ Decisions (where we deliberately differ from the reference, which is clearly wro
    characters) are split like numbered ones and judged part by part. The reference reads `(a) 4 (b) 3` as option A,
    so any answer starting with `(a)` matched it.
 6. math-verify's verdict counts only when it read each side whole (`reads_whole`): around the number or expression it
-   extracted only a leading `name =`, a trailing `%`, degree sign or unit and, in a ground truth, a leading option
-   label may remain. On bare text math-verify extracts one number out of anything, so the reference scores `3 or 4`
+   extracted only a leading option label, a leading `name =` and a trailing `%`, degree sign or unit may remain. On bare text math-verify extracts one number out of anything, so the reference scores `3 or 4`
    right against `4`, `2x^7` against `2x^5`, `2\\sqrt{2}` against `2` and `2` against `2x-4`.
 """
 
@@ -289,8 +288,7 @@ def _math_verify_variants(text: str) -> list[str]:
 
 
 _DELIMITERS_AND_SPACE = re.compile(r"\\[()\[\]]|\$|\s+")
-_BEFORE_VALUE = re.compile(r"(?:[A-Za-z]\w*=)?")  # `x=2` reads as 2
-_BEFORE_GOLD_VALUE = re.compile(rf"(?:\(?{_L}[.)]|\({_L}\))?(?:[A-Za-z]\w*=)?")  # and `C. 3` as 3
+_BEFORE_VALUE = re.compile(rf"(?:\(?{_L}[.)]|\({_L}\))?(?:[A-Za-z]\w*=)?")  # `x=2` reads as 2, `C. 3` as 3
 _AFTER_VALUE = re.compile(
     r"(?:%|\\%|\^\\circ|\^\{\\circ\}|"
     + "|".join(re.escape(unit) for unit in sorted(set(_UNITS), key=len, reverse=True))
@@ -300,17 +298,17 @@ _AFTER_VALUE = re.compile(
 
 
 def reads_whole(text: str, extracted: str, is_gold: bool) -> bool:
-    """Whether math-verify, reading `extracted` out of `text`, read the whole value (Decision 6).
+    """Whether math-verify, reading `extracted` out of `text`, read the whole value (Decision 6); the same rule for
+    ground truths and predictions (`is_gold` is part of the runner's check signature).
 
-    Around the extracted string only a leading `name =`, a trailing percent or degree sign or unit and, in a ground
-    truth, a leading option label may remain (spaces and math delimiters aside).
+    Around the extracted string only a leading option label, a leading `name =` and a trailing percent or degree sign
+    or unit may remain (spaces and math delimiters aside).
     """
     compact, value = _DELIMITERS_AND_SPACE.sub("", text), _DELIMITERS_AND_SPACE.sub("", extracted)
     start = compact.find(value)
     if not value or start < 0:
         return False
-    before = _BEFORE_GOLD_VALUE if is_gold else _BEFORE_VALUE
-    return bool(before.fullmatch(compact[:start]) and _AFTER_VALUE.fullmatch(compact[start + len(value) :]))
+    return bool(_BEFORE_VALUE.fullmatch(compact[:start]) and _AFTER_VALUE.fullmatch(compact[start + len(value) :]))
 
 
 def _math_verify_match(prediction: str, ground_truth: str) -> bool:

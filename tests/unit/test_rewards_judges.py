@@ -335,6 +335,27 @@ def test_reference_mistakes_we_keep_fixed() -> None:
     assert mm_gad_accuracy("inf", "Infinity") == 0.0  # not numbers; nor equal as text or for math-verify
 
 
+@pytest.mark.parametrize(
+    ("prediction", "ground_truth", "accuracy"),
+    [
+        # Decision 6: on bare text math-verify reads one number out of anything; only whole reads count
+        ("3 or 4", "4", 0.0),
+        ("2x^7", "2x^5", 0.0),
+        ("2\\sqrt{2}", "2", 0.0),
+        ("2", "2x-4", 0.0),
+        ("y = 7x + 1", "y = 3x + 1", 0.0),
+        # what it reads whole still counts: a name, an option label, a percent or a unit around the value
+        ("x=2", "2", 1.0),
+        ("(E) 12", "12", 1.0),
+        ("50%", "0.5", 1.0),
+        ("0.5 cm", "\\frac{1}{2}", 1.0),
+        ("\\frac{1}{2}", "C. 0.5", 1.0),  # the option's value, as in the reference
+    ],
+)
+def test_math_verify_counts_only_whole_reads(prediction: str, ground_truth: str, accuracy: float) -> None:
+    assert mm_gad_accuracy(prediction, ground_truth) == accuracy
+
+
 # --- math_verify_with_format ---
 
 
