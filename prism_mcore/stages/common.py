@@ -196,7 +196,12 @@ def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -
     reader = open_prompts(path, require_teacher=require_teacher)
     builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, stats)
     prompts = list(
-        checked(range(len(reader)), lambda i: builder.prompt_sample(reader[i]), ctx.config.data.on_error, stats)
+        checked(
+            range(len(reader)),
+            lambda i: builder.prompt_sample(reader[i], with_teacher=require_teacher),
+            ctx.config.data.on_error,
+            stats,
+        )
     )
     ctx.data_stats[name] = stats
     log.info("%s prompts (%s): %s", name, path, stats.summary())
