@@ -182,3 +182,14 @@ def test_random_text_never_matches_a_different_number(seed: int) -> None:
         return junk, ground_truth, 0.0
 
     _run(check, seed=seed)
+
+
+def test_any_string_matches_itself() -> None:
+    """Identity on junk too: numbered or lettered markers, brackets, delimiters, operators, option-like letters."""
+    alphabet = "abcxyzABCH0123456789+-*/^=<>()[]{},;:. %\\$"
+
+    def check(rng: random.Random) -> tuple[str, str, float]:
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 14)))
+        return text, text, 1.0
+
+    _run(check, seed=13)
