@@ -3,8 +3,8 @@ properties that must hold whatever the generator drew.
 
 Plain `random` with fixed seeds (no extra dependency): each property runs on a few hundred generated cases, the same
 ones on every run, so a failure names the case and reproduces. The properties:
-- a value matches itself, however it is spaced or wrapped in math delimiters, and a multiple-choice label matches
-  however the prediction writes the same letter;
+- any string matches itself; a value matches itself however it is spaced or wrapped in math delimiters; a
+  multiple-choice label matches however the prediction writes the same letter;
 - a value never matches one that differs only by a sign, an operator or a digit, nor another option letter, nor the
   same parts in another order or with one part missing.
 """
