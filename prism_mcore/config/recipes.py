@@ -59,12 +59,14 @@ def embedded() -> Config:
     config.align.prompts_per_step = 8
     config.align.save_every = 10
     config.align.eval_every = 0
+    config.align.val_before_train = False
     config.align.policy_optim.lr = 2e-5
     config.align.discriminator_optim.lr = 1e-4
     config.rlvr.steps = 30
     config.rlvr.prompts_per_step = 8
     config.rlvr.save_every = 10
     config.rlvr.eval_every = 0
+    config.rlvr.val_before_train = False
     config.rlvr.optim.lr = 2e-5
     return config
 
@@ -107,6 +109,9 @@ def qwen3vl_cluster(size: str = "4b", rl: str = "grpo", with_prism: bool = True)
         config.rlvr.overlong_penalty_factor = 1.0
     if rl == "gspo":
         config.rlvr.optim.warmup_ratio = 0.05
+    if rl in ("dapo", "gspo"):  # their val_kwargs: sampled validation; GRPO validates greedily
+        config.rlvr.val_temperature = 1.0
+        config.rlvr.val_top_p = 0.7
     return config
 
 

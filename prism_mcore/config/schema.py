@@ -180,7 +180,11 @@ class AlignConfig:
     prompts_per_step: int = 4
     max_new_tokens: int = 6144
     save_every: int = 500
-    eval_every: int = 8  # greedy accuracy on the validation split every N steps (`val/*` metrics); 0: off
+    eval_every: int = 8  # accuracy on the validation split every N steps (`val/*` metrics); 0: off
+    val_before_train: bool = True  # also validate before the first step (logged as step 0)
+    val_temperature: float = 0.0  # validation sampling (the released scripts' val_kwargs); 0: greedy
+    val_top_p: float = 1.0
+    val_max_new_tokens: int = 0  # 0: max_new_tokens
     max_tokens_per_microbatch: int = 0  # policy and D micro-batches; 0: data.max_tokens_per_microbatch
     caption_weight: float = 0.5
     cot_weight: float = 0.5
@@ -206,8 +210,15 @@ class RLVRConfig:
     steps: int = 1500
     prompts_per_step: int = 32
     max_new_tokens: int = 8192
-    save_every: int = 500
-    eval_every: int = 8  # greedy accuracy on the validation split every N steps (`val/*` metrics); 0: off
+    save_every: int = 120
+    eval_every: int = 6  # accuracy on the validation split every N steps (`val/*` metrics); 0: off
+    val_before_train: bool = True  # also validate before the first step (logged as step 0)
+    val_temperature: float = 0.0  # validation sampling; 0: greedy (released DAPO and GSPO: 1.0, top_p 0.7)
+    val_top_p: float = 1.0
+    val_max_new_tokens: int = 0  # 0: max_new_tokens
+    # verl's total_epochs: the run also stops after this many passes over the RL prompts, counted in whole batches
+    # (generation batches with dynamic sampling) as verl's drop_last loader, when that comes before `steps`; 0: no cap
+    max_epochs: int = 30
     max_tokens_per_microbatch: int = 0  # 0: data.max_tokens_per_microbatch (released: 10240, GSPO 20480)
     dynamic_sampling: bool = False  # DAPO filter groups
     generation_prompts_per_step: int = 96

@@ -23,7 +23,7 @@ matches its answer); SFT sequences and teacher segments are dropped (`over_lengt
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -285,12 +285,15 @@ class SampleBuilder:
             raise DataError(TOO_LONG, f"prompt is {len(ids)} tokens, over max_prompt_length={limit}", field="prompt")
         return ids, image_inputs
 
-    def prompt_sample(self, record: PromptRecord) -> Sample:
-        """A `Sample` ready for rollout: prompt ids, image inputs, answers and teacher texts.
+    def prompt_sample(self, record: PromptRecord, with_teacher: bool = True) -> Sample:
+        """A `Sample` ready for rollout: prompt ids, image inputs, answers and (`with_teacher`) teacher texts.
 
-        Teacher segments longer than `max_response_length` filter the prompt out or count as truncated here, once
-        per prompt; `teacher_segments` cuts them the same way.
+        Teacher segments longer than `max_response_length` filter the prompt out (a `TOO_LONG` skip, counted, never
+        an abort) or count as truncated here, once per prompt; `teacher_segments` cuts them the same way. Without
+        `with_teacher` (RL and evaluation prompts, which never use them) the teacher texts are dropped unchecked.
         """
+        if not with_teacher:
+            record = replace(record, teacher_caption=None, teacher_cot=None)
         with located(record.origin.file, record.origin.row):
             ids, image_inputs = self._prompt(record.messages, record.images)
             for kind, text in (("caption", record.teacher_caption), ("cot", record.teacher_cot)):

@@ -3,8 +3,8 @@
 `rewards/` depends only on the record types, the standard library and math-verify, so it runs wherever a sample does.
 - `response_format`: the validity rule and `ResponseSegmenter` (response ids -> `SegmentBounds` and text);
 - `verifiable`: `verifiable_reward`, `reward_batch` and the judge registry keyed by `data_source`;
-- `mm_gad_judge`, `math_verify_judge`: the two accuracy judges; `math_verify_runner`: time-limited, thread-safe
-  math-verify.
+- `mm_gad_judge`, `math_verify_judge`: the two training accuracy judges; `geometry3k`: the geo3k validation reward
+  (mathruler's grading without `eval`); `math_verify_runner`: time-limited, thread-safe math-verify.
 """
 
 from prism_mcore.rewards.response_format import (

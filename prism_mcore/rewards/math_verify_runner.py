@@ -42,16 +42,31 @@ _HELPER_SLACK_S = 10.0  # pipe transfer and scheduling on a loaded machine
 _HELPER_START_TIMEOUT_S = 300.0  # a new helper imports torch (via prism_mcore.record) and sympy before it answers
 
 
+# accept(text, extracted, is_gold): whether a parse that read `extracted` out of `text` counts
+ExtractionCheck = Callable[[str, str, bool], bool]
+
+
+def _parsed(
+    text: str, targets: Sequence[ExtractionTarget], timeout_s: int, accept: ExtractionCheck | None, is_gold: bool
+) -> list:
+    result = parse(text, targets, parsing_timeout=timeout_s)
+    # A parse is [expression, the string it was read from] (or empty when nothing was found).
+    if result and accept is not None and not accept(text, str(result[-1]), is_gold):
+        return []
+    return result
+
+
 def _equivalent_here(
     golds: Sequence[str],
     predictions: Sequence[str],
     gold_targets: Sequence[ExtractionTarget],
     prediction_targets: Sequence[ExtractionTarget],
     timeout_s: int,
+    accept: ExtractionCheck | None = None,
 ) -> bool:
     """`math_equivalent`'s work, on the calling thread, which must be its process's main thread."""
-    parsed_golds = [parse(gold, gold_targets, parsing_timeout=timeout_s) for gold in golds]
-    parsed_predictions = [parse(pred, prediction_targets, parsing_timeout=timeout_s) for pred in predictions]
+    parsed_golds = [_parsed(gold, gold_targets, timeout_s, accept, True) for gold in golds]
+    parsed_predictions = [_parsed(pred, prediction_targets, timeout_s, accept, False) for pred in predictions]
     return any(
         verify(gold, pred, timeout_seconds=timeout_s)
         for gold in parsed_golds
@@ -174,14 +189,16 @@ def math_equivalent(
     gold_targets: Sequence[ExtractionTarget] = DEFAULT_TARGETS,
     prediction_targets: Sequence[ExtractionTarget] = DEFAULT_TARGETS,
     timeout_s: int = MATH_VERIFY_TIMEOUT_S,
+    accept: ExtractionCheck | None = None,
 ) -> bool:
     """True if math-verify finds some gold equivalent to some prediction.
 
     Each string is parsed with math-verify's `parse` and the given extraction targets, and each (gold, prediction)
-    pair is compared with `verify` (its defaults: 6-digit float rounding, strict). Every parse and every comparison is
-    limited to `timeout_s` seconds, on any thread (see the module docstring).
+    pair is compared with `verify` (its defaults: 6-digit float rounding, strict). With `accept` (a module-level
+    function, so a helper process can receive it), a parse counts only if `accept(text, extracted, is_gold)`. Every
+    parse and every comparison is limited to `timeout_s` seconds, on any thread (see the module docstring).
     """
-    args = (tuple(golds), tuple(predictions), tuple(gold_targets), tuple(prediction_targets), timeout_s)
+    args = (tuple(golds), tuple(predictions), tuple(gold_targets), tuple(prediction_targets), timeout_s, accept)
     if threading.current_thread() is threading.main_thread():
         return _equivalent_here(*args)
     calls = len(golds) + len(predictions) + _COMPARISONS_PER_VERIFY * len(golds) * len(predictions)

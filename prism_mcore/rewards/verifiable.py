@@ -10,10 +10,10 @@ Judges are looked up by `data_source`: `mm_gad` (the rule judge of §6.2, also u
 `math-77k` / `visual_logic-26k` (`math_verify_with_format`, §6.3) and `hiyouga/geometry3k`, the released recipes'
 validation set. `register_judge` adds one.
 
-geo3k differs from the reference on purpose: there it is scored 0.9·acc + 0.1·format with mathruler's `grade_answer`,
-which hands model output to sympy's `parse_expr`, an `eval`. Here its accuracy comes from math-verify in a helper
-process with a time limit, and it is reported like every other source (accuracy and format-valid rate). `reward_batch` scores
-the samples of a rollout batch in place, on the calling thread or on a small thread pool.
+geo3k is scored as the reference scores it, with its own rule (`geometry3k.py`): no format gate, score =
+0.9·accuracy + 0.1·format, where format is the loose in-order tag check and accuracy is mathruler's `grade_answer`
+(re-implemented without `eval`) on the first `<answer>` content. `reward_batch` scores the samples of a rollout batch
+in place, on the calling thread or on a small thread pool.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prism_mcore.record import Sample
+from prism_mcore.rewards import geometry3k
 from prism_mcore.rewards.math_verify_judge import math_verify_accuracy
 from prism_mcore.rewards.mm_gad_judge import mm_gad_accuracy
 from prism_mcore.rewards.response_format import match_response_format
@@ -42,7 +43,7 @@ _JUDGES: dict[str, AccuracyJudge] = {
     "mm_gad": mm_gad_accuracy,
     "math-77k": math_verify_accuracy,
     "visual_logic-26k": math_verify_accuracy,
-    "hiyouga/geometry3k": math_verify_accuracy,
+    "hiyouga/geometry3k": geometry3k.geometry3k_accuracy,
 }
 
 
@@ -53,6 +54,17 @@ class RewardResult:
     score: float
     accuracy: float
     format: float
+
+
+def _geometry3k_reward(response_text: str, ground_truth: str) -> RewardResult:
+    accuracy = geometry3k.geometry3k_accuracy(extract_answer(response_text) or "", ground_truth)
+    format_reward = 1.0 if geometry3k.loose_format(response_text) else 0.0
+    score = geometry3k.ACCURACY_WEIGHT * accuracy + geometry3k.FORMAT_WEIGHT * format_reward
+    return RewardResult(score=score, accuracy=accuracy, format=format_reward)
+
+
+# Sources the reference scores with a rule of their own instead of the format gate and 0.8/0.2.
+_OWN_RULES: dict[str, Callable[[str, str], RewardResult]] = {"hiyouga/geometry3k": _geometry3k_reward}
 
 
 def register_judge(data_source: str, judge: AccuracyJudge) -> None:
@@ -86,6 +98,8 @@ def verifiable_reward(
 ) -> RewardResult:
     """The rule-based reward of one response (see the module docstring)."""
     judge = get_judge(data_source)
+    if data_source in _OWN_RULES:
+        return _OWN_RULES[data_source](response_text, ground_truth)
     if match_response_format(response_text) is None:
         return RewardResult(score=0.0, accuracy=0.0, format=0.0)
     answer = extract_answer(response_text)
@@ -96,8 +110,9 @@ def verifiable_reward(
 
 
 def _sample_reward(sample: Sample) -> RewardResult:
-    # The segmenter also rejects responses holding vision tokens, which their text cannot show.
-    if not sample.format_valid:
+    # The segmenter also rejects responses holding vision tokens, which their text cannot show (geo3k's own rule
+    # reads the text only, as the reference's).
+    if not sample.format_valid and (sample.data_source or DEFAULT_DATA_SOURCE) not in _OWN_RULES:
         return RewardResult(score=0.0, accuracy=0.0, format=0.0)
     return verifiable_reward(
         sample.response_text, sample.ground_truth, sample.equivalent_answers, sample.data_source or DEFAULT_DATA_SOURCE

@@ -55,6 +55,8 @@ from prism_mcore.stages.common import (
     start_stage,
     sync_weights,
     token_budget,
+    validation,
+    validation_params,
 )
 from prism_mcore.training.forward import DiscriminatorBatch, discriminator_forward, policy_forward
 
@@ -163,6 +165,7 @@ def run(config: Config) -> None:
     policy_step = policy_forward(
         policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature
     )
+    val_params = validation_params(cfg, seed=config.run.seed)
 
     def step_fn(step: int) -> dict[str, float]:
         params = dataclasses.replace(
@@ -187,9 +190,8 @@ def run(config: Config) -> None:
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         caption = torch.tensor([s.caption_score for s in samples if s.format_valid] or [0.0])
         cot = torch.tensor([s.cot_score for s in samples if s.format_valid] or [0.0])
-        validation = periodic_validation(ctx, engine, step, cfg.eval_every)
         return {
-            **validation,
+            **periodic_validation(ctx, engine, step, cfg.eval_every, val_params),
             **rollout_metrics(samples),
             "reward/caption_score_mean": caption.mean().item(),
             "reward/caption_score_std": caption.std(correction=0).item(),
@@ -221,8 +223,9 @@ def run(config: Config) -> None:
             "actor/pg_loss",
         ),
         on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
+        before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
     )
-    record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine)}
+    record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine, val_params)}
     record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
     record[DISCRIMINATOR_HF] = str(save_hf(discriminator.handle, ctx.stage_dir("hf", "align_discriminator")))
     finish_stage(ctx, STAGE, record)

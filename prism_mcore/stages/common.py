@@ -197,7 +197,12 @@ def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -
     reader = open_prompts(path, require_teacher=require_teacher)
     builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, stats)
     prompts = list(
-        checked(range(len(reader)), lambda i: builder.prompt_sample(reader[i]), ctx.config.data.on_error, stats)
+        checked(
+            range(len(reader)),
+            lambda i: builder.prompt_sample(reader[i], with_teacher=require_teacher),
+            ctx.config.data.on_error,
+            stats,
+        )
     )
     ctx.data_stats[name] = stats
     log.info("%s prompts (%s): %s", name, path, stats.summary())
@@ -268,12 +273,32 @@ def make_engine(ctx: RunContext, policy_path: str, weight_version: int = 0) -> R
     )
 
 
-def evaluate(ctx: RunContext, engine: RolloutEngine | None, prompts: list[Sample], split: str) -> dict[str, float]:
-    """Greedy accuracy and format-valid rate with the verifiable reward (rank 0 generates; shared with all)."""
+def validation_params(stage: Any, seed: int) -> SamplingParams:
+    """An RL stage's validation sampling: its `val_temperature`, `val_top_p` and `val_max_new_tokens` (0: the
+    stage's `max_new_tokens`), one response per prompt; greedy unless the recipe samples (released DAPO, GSPO)."""
+    return SamplingParams(
+        n=1,
+        temperature=stage.val_temperature,
+        top_p=stage.val_top_p,
+        max_new_tokens=stage.val_max_new_tokens or stage.max_new_tokens,
+        seed=seed,
+    )
+
+
+def evaluate(
+    ctx: RunContext,
+    engine: RolloutEngine | None,
+    prompts: list[Sample],
+    split: str,
+    params: SamplingParams | None = None,
+) -> dict[str, float]:
+    """Accuracy, format-valid rate and reward with the verifiable reward (rank 0 generates; shared with all), sampled
+    with `params` (default: greedy, up to `rollout.max_new_tokens`)."""
     result = None
     if ctx.is_main:
         start = time.time()
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ctx.config.rollout.max_new_tokens)
+        if params is None:
+            params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ctx.config.rollout.max_new_tokens)
         samples = []
         batch = max(ctx.config.rollout.local_max_batch_size, 1)
         with awake(ctx, engine):
@@ -301,8 +326,10 @@ def evaluate(ctx: RunContext, engine: RolloutEngine | None, prompts: list[Sample
     return holder[0]
 
 
-def evaluate_splits(ctx: RunContext, engine: RolloutEngine | None) -> dict[str, dict[str, float]]:
-    return {split: evaluate(ctx, engine, eval_prompts(ctx, split), split) for split in ("val", "test")}
+def evaluate_splits(
+    ctx: RunContext, engine: RolloutEngine | None, params: SamplingParams | None = None
+) -> dict[str, dict[str, float]]:
+    return {split: evaluate(ctx, engine, eval_prompts(ctx, split), split, params) for split in ("val", "test")}
 
 
 def eval_prompts(ctx: RunContext, split: str) -> list[Sample]:
@@ -314,11 +341,18 @@ def eval_prompts(ctx: RunContext, split: str) -> list[Sample]:
     return ctx.eval_prompts[split]
 
 
-def periodic_validation(ctx: RunContext, engine: RolloutEngine | None, step: int, every: int) -> dict[str, float]:
-    """Greedy accuracy and format-valid rate on the validation split after every `every`-th step (`val/*`)."""
+def periodic_validation(
+    ctx: RunContext, engine: RolloutEngine | None, step: int, every: int, params: SamplingParams | None = None
+) -> dict[str, float]:
+    """Accuracy and format-valid rate on the validation split after every `every`-th step (`val/*`)."""
     if not every or (step + 1) % every:
         return {}
-    result = evaluate(ctx, engine, eval_prompts(ctx, "val"), "val")
+    return validation(ctx, engine, params)
+
+
+def validation(ctx: RunContext, engine: RolloutEngine | None, params: SamplingParams | None) -> dict[str, float]:
+    """The validation split's `val/*` metrics now (e.g. before training: `val_before_train`)."""
+    result = evaluate(ctx, engine, eval_prompts(ctx, "val"), "val", params)
     return {f"val/{name}": value for name, value in result.items() if name != "num_prompts"}
 
 
@@ -442,6 +476,11 @@ def batch_for_step(items: list, step: int, per_step: int, seed: int) -> list:
     return chosen
 
 
+class DataExhausted(Exception):
+    """Raised by a step function when the stage's data allowance (e.g. `rlvr.max_epochs`) is used up: the stage ends
+    after its last completed step."""
+
+
 def run_steps(
     ctx: RunContext,
     stage: str,
@@ -452,16 +491,24 @@ def run_steps(
     log_keys: tuple[str, ...] = (),
     state: dict[str, Any] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    before_training: Callable[[], dict[str, float]] | None = None,
 ) -> int:
     """The resumable step loop every stage shares: restore the latest checkpoint, run `step_fn(step)` for the
-    remaining steps with progress and metrics, save every `save_every` steps and at the end. Returns steps run.
+    remaining steps with progress and metrics, save every `save_every` steps and at the end. Returns the number of
+    steps done, fewer than `total_steps` when `step_fn` raised `DataExhausted` (after a checkpoint of the last one).
 
     `state` is the stage's own small JSON-able state beyond the step (e.g. how many generation batches dynamic
     sampling consumed): saved with each checkpoint and restored in place; `on_resume(step)` runs after a restore.
+    `before_training()` runs on a fresh start only (not on resume); its metrics are logged as step 0.
     """
 
     state = {} if state is None else state
     manager = CheckpointManager(ctx.stage_dir("checkpoints", stage), keep_last=ctx.config.run.keep_last)
+
+    def save(step: int) -> None:
+        with all_resident(trainables):
+            manager.save(step, trainables, meta={"state": state})
+
     start = 0
     latest = manager.latest()
     if latest is None:
@@ -475,18 +522,25 @@ def run_steps(
         log.info("%s: resumed from %s (step %d of %d)", stage, latest, start, total_steps)
         if on_resume is not None:
             on_resume(start)
+    if latest is None and before_training is not None:
+        ctx.metrics.log(stage, 0, before_training())
     for step in progress(range(start, total_steps), desc=stage, total=total_steps - start):
         began = time.time()
-        metrics = step_fn(step)
+        try:
+            metrics = step_fn(step)
+        except DataExhausted as reason:
+            log.info("%s: stopped after step %d of %d: %s", stage, step, total_steps, reason)
+            if step > start and not (save_every and step % save_every == 0):
+                save(step)
+            return step
         metrics["step_time_s"] = time.time() - began
         ctx.metrics.log(stage, step + 1, metrics)
         if (step + 1) % ctx.config.run.log_every == 0 or step + 1 == total_steps:
             shown = ", ".join(f"{key} {metrics[key]:.4g}" for key in log_keys if key in metrics)
             log.info("%s step %d/%d: %s (%.2fs)", stage, step + 1, total_steps, shown, metrics["step_time_s"])
         if (save_every and (step + 1) % save_every == 0) or step + 1 == total_steps:
-            with all_resident(trainables):
-                manager.save(step + 1, trainables, meta={"state": state})
-    return total_steps - start
+            save(step + 1)
+    return total_steps
 
 
 def policy_loss_config(settings: PolicyLossSettings, tis_cap: float) -> PolicyLossConfig:

@@ -6,6 +6,11 @@ GRPO advantage (R − group mean) / (group std + 1e-6), make one policy step, an
 engine. GRPO, DAPO and GSPO differ only in the policy-loss preset (`rlvr.policy_loss.preset`) and, for DAPO, in
 dynamic sampling: generation batches of `generation_prompts_per_step` prompts are drawn until
 `prompts_per_step` groups whose accuracies are not all equal are collected (at most `max_generation_batches`).
+
+Schedule as the released scripts run it: validation before the first step (step 0) and every `eval_every` steps,
+sampled as the recipe says (`val_*`); and the stage ends after `max_epochs` passes over the prompts (verl's
+`total_epochs`, counted in whole batches, generation batches with dynamic sampling) when that comes before `steps`:
+at most 30·⌊N/96⌋ steps for the released DAPO.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
 from prism_mcore.stages.common import (
     POLICY_HF,
+    DataExhausted,
     batch_for_step,
     evaluate_splits,
     finish_stage,
@@ -36,6 +42,8 @@ from prism_mcore.stages.common import (
     run_steps,
     start_stage,
     sync_weights,
+    validation,
+    validation_params,
 )
 from prism_mcore.training.forward import policy_forward
 
@@ -47,6 +55,20 @@ def group_by_prompt(samples: list[Sample]) -> list[list[Sample]]:
     for sample in samples:
         groups.setdefault(sample.uid, []).append(sample)
     return list(groups.values())
+
+
+def epoch_batch_cap(num_prompts: int, batch_size: int, max_epochs: int) -> int | None:
+    """How many batches of `batch_size` prompts `max_epochs` passes over `num_prompts` give, whole batches only (as
+    verl's drop_last loader); None when `max_epochs` is 0 (no cap)."""
+    if max_epochs <= 0:
+        return None
+    if num_prompts < batch_size:
+        raise ValueError(
+            f"rlvr: {num_prompts} RL prompts are fewer than one batch of {batch_size}, so rlvr.max_epochs="
+            f"{max_epochs} allows no step (the reference's loader drops incomplete batches); use more prompts, a "
+            "smaller batch, or rlvr.max_epochs=0"
+        )
+    return max_epochs * (num_prompts // batch_size)
 
 
 def run(config: Config) -> None:
@@ -70,6 +92,11 @@ def run(config: Config) -> None:
     )
     # Dynamic sampling consumes a varying number of prompt batches per step: its position is resumable state.
     state = {"generation_batches": 0}
+    batch_size = cfg.generation_prompts_per_step if cfg.dynamic_sampling else cfg.prompts_per_step
+    batch_cap = epoch_batch_cap(len(prompts), batch_size, cfg.max_epochs)
+    # Without dynamic sampling a step is one batch; the schedule still spans `steps` (verl's total_training_steps).
+    total_steps = cfg.steps if batch_cap is None or cfg.dynamic_sampling else min(cfg.steps, batch_cap)
+    val_params = validation_params(cfg, seed=config.run.seed)
 
     def generate(step: int, prompt_batch: int, batch_size: int) -> list[Sample]:
         params = dataclasses.replace(
@@ -83,6 +110,10 @@ def run(config: Config) -> None:
             return generate(step, step, cfg.prompts_per_step), {}
 
         def next_generation_batch() -> list[list[Sample]]:
+            if batch_cap is not None and state["generation_batches"] >= batch_cap:
+                raise DataExhausted(
+                    f"{cfg.max_epochs} epochs of {len(prompts)} prompts ({batch_cap} generation batches)"
+                )
             state["generation_batches"] += 1
             return group_by_prompt(generate(step, state["generation_batches"] - 1, cfg.generation_prompts_per_step))
 
@@ -114,7 +145,7 @@ def run(config: Config) -> None:
         result = policy.step(policy_step, policy_microbatches(ctx, samples, cfg.max_tokens_per_microbatch))
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         return {
-            **periodic_validation(ctx, engine, step, cfg.eval_every),
+            **periodic_validation(ctx, engine, step, cfg.eval_every, val_params),
             **rollout_metrics(samples),
             **sampling_metrics,
             "reward/mean": rewards.mean().item(),
@@ -123,17 +154,18 @@ def run(config: Config) -> None:
             "actor/lr": result.lr,
         }
 
-    run_steps(
+    steps_done = run_steps(
         ctx,
         STAGE,
         {"policy": policy},
-        cfg.steps,
+        total_steps,
         cfg.save_every,
         step_fn,
         log_keys=("reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio", "actor/pg_loss"),
         state=state,
         on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
+        before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
     )
-    record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine)}
+    record = {"steps": steps_done, "eval": evaluate_splits(ctx, engine, val_params)}
     record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
     finish_stage(ctx, STAGE, record)

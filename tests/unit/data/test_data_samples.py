@@ -179,6 +179,11 @@ def test_teacher_segments_truncate_to_max_response_length_keeping_im_end(
     with pytest.raises(DataError) as raised:
         filtering.prompt_sample(record([make_image(64, 64)], teacher_caption=CAPTION, teacher_cot=COT))
     assert (raised.value.reason, raised.value.field, raised.value.file) == (TOO_LONG, "teacher_caption", "test.jsonl")
+    # RL and evaluation prompts never use teacher texts: they are dropped, not length-checked.
+    rl_prompt = filtering.prompt_sample(
+        record([make_image(64, 64)], teacher_caption=CAPTION, teacher_cot=COT), with_teacher=False
+    )
+    assert (rl_prompt.teacher_caption, rl_prompt.teacher_cot) == (None, None)
 
 
 def test_student_segments_and_policy_sequence_follow_segment_bounds(
