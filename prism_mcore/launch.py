@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     # The agent logs each failed worker; the failure itself is reported below (one line) or by ChildFailedError.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
-        torchrun.main(torchrun_args(args, command))
+        # `run`, not `main`: main's error recorder would log the worker's error file again before we print it.
+        torchrun.run(torchrun.parse_args(torchrun_args(args, command)))
     except ChildFailedError as failed:
         _, failure = failed.get_first_failure()
         if failure.exitcode in (USER_ERROR, RUN_FOLDER_IN_USE) and failure.message:

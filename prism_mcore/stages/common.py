@@ -83,11 +83,13 @@ _CONTEXT: RunContext | None = None
 
 def quiet_libraries() -> None:
     """Keep the console to our progress and metrics: Megatron logs every parameter and optimizer field at INFO,
-    transformers draws a progress bar per checkpoint load."""
+    transformers draws a progress bar per checkpoint load, datasets one per data file read."""
     import logging
 
+    import datasets
     import transformers
 
+    datasets.disable_progress_bars()
     logging.getLogger("megatron").setLevel(logging.ERROR)  # deprecation and missing-fusion notices too
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning()
