@@ -12,7 +12,6 @@ import pytest
 from prism_mcore import cli
 from prism_mcore.cli import main
 from prism_mcore.config import ConfigError, apply_overrides, load_recipe
-from prism_mcore.config.schema import check_ranges
 
 REPO = Path(__file__).parents[2]
 
@@ -46,6 +45,8 @@ def test_out_of_range_values_are_refused_naming_the_key(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, override: str, message: str
 ) -> None:
     assert refusal(capsys, monkeypatch, "run", override) == message
+    from prism_mcore.config.schema import check_ranges
+
     with pytest.raises(ConfigError, match="out of range|finite|empty"):
         check_ranges(apply_overrides(load_recipe("embedded"), [override]))
 

@@ -17,10 +17,11 @@ from transformers import PreTrainedTokenizerBase
 from prism_mcore.data import errors
 from prism_mcore.data.embedded.build import EmbeddedAssets
 from prism_mcore.data.errors import DataError, DataStats, checked
-from prism_mcore.data.readers import MAX_ROW_BYTES, open_prompts, open_sft
-from prism_mcore.data.samples import LengthLimits, PromptSet, SampleBuilder
+from prism_mcore.data.readers import open_prompts, open_sft
+from prism_mcore.data.samples import LengthLimits, SampleBuilder
 from prism_mcore.stages.common import batch_for_step
 
+MAX_ROW_BYTES = 32 * 2**20  # the documented default of data.max_row_bytes
 GOOD = {
     "messages": [
         {"role": "user", "content": "How many?"},
@@ -116,6 +117,8 @@ def test_an_empty_file_is_named(tmp_path: Path) -> None:
 def test_prompts_built_per_step_equal_the_eager_build(
     embedded: EmbeddedAssets, builder: SampleBuilder, max_prompt_length: int
 ) -> None:
+    from prism_mcore.data.samples import PromptSet
+
     limits = LengthLimits(max_prompt_length=max_prompt_length)
     reader = open_prompts(embedded.align_path, require_teacher=True)
     eager_builder = SampleBuilder(builder.tokenizer, builder.images, limits)
@@ -138,3 +141,10 @@ def test_prompts_built_per_step_equal_the_eager_build(
             )
     assert [sample.uid for sample in prompts.head(5)[:]] == [sample.uid for sample in eager[:5]]
     assert len(prompts.head(0)) == len(eager)
+
+
+def test_the_documented_row_bound_is_the_default() -> None:
+    from prism_mcore.config import Config
+    from prism_mcore.data.readers import MAX_ROW_BYTES as default
+
+    assert default == MAX_ROW_BYTES == Config().data.max_row_bytes
