@@ -69,6 +69,7 @@ def embedded() -> Config:
     config.align.policy_optim.lr = 2e-5
     config.align.discriminator_optim.lr = 1e-4
     config.rlvr.steps = 30
+    config.rlvr.max_tokens_per_microbatch = 0  # the data budget, as every other embedded stage
     config.rlvr.prompts_per_step = 8
     config.rlvr.save_every = 10
     config.rlvr.eval_every = 0
