@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.command == "config":
-            print(json.dumps(to_dict(resolve_config(args.recipe, args.overrides)), indent=2))
+            config = resolve_config(args.recipe, args.overrides)
+            check_token_budgets(config, config.run.stages)
+            print(json.dumps(to_dict(config), indent=2))
             return 0
         config, stages = prepare(args.command, args.recipe, args.overrides)
         runners = [_stage_runner(stage) for stage in stages]

@@ -390,32 +390,22 @@ def check_token_budgets(config: Config, stages: Sequence[str]) -> None:
     """Raise `ConfigError` when a stage's token budget per micro-batch cannot hold the longest sample it may build
     (the micro-batching would otherwise refuse it only when such a sample appears, possibly hours in)."""
     data = config.data
-    budgets = (
-        (
-            "sft",
-            "data.max_tokens_per_microbatch",
-            data.max_tokens_per_microbatch,
-            "sft.max_length",
-            config.sft.max_length,
-        ),
-        (
-            "align",
-            "align.max_tokens_per_microbatch",
-            config.align.max_tokens_per_microbatch or data.max_tokens_per_microbatch,
+    longest = {
+        "sft": ("sft.max_length", config.sft.max_length),
+        "align": (
             "data.max_prompt_length + align.max_new_tokens",
             data.max_prompt_length + config.align.max_new_tokens,
         ),
-        (
-            "rlvr",
-            "rlvr.max_tokens_per_microbatch",
-            config.rlvr.max_tokens_per_microbatch or data.max_tokens_per_microbatch,
-            "data.max_prompt_length + rlvr.max_new_tokens",
-            data.max_prompt_length + config.rlvr.max_new_tokens,
-        ),
-    )
-    for stage, key, budget, longest_key, longest in budgets:
-        if stage in stages and budget < longest:
-            raise ConfigError(
-                f"{key}={budget} (0: data.max_tokens_per_microbatch) cannot hold the longest sample: "
-                f"{longest_key} = {longest} tokens"
-            )
+        "rlvr": ("data.max_prompt_length + rlvr.max_new_tokens", data.max_prompt_length + config.rlvr.max_new_tokens),
+    }
+    own_budget = {"align": config.align.max_tokens_per_microbatch, "rlvr": config.rlvr.max_tokens_per_microbatch}
+    for stage in stages:
+        if stage not in longest:
+            continue
+        what, tokens = longest[stage]
+        if own_budget.get(stage):  # a stage's own budget replaces the data budget
+            key, budget = f"{stage}.max_tokens_per_microbatch", own_budget[stage]
+        else:
+            key, budget = "data.max_tokens_per_microbatch", data.max_tokens_per_microbatch
+        if budget < tokens:
+            raise ConfigError(f"{key}={budget} cannot hold the longest {stage} sample: {what} = {tokens} tokens")
