@@ -4,7 +4,8 @@ Each step takes the next `global_batch_size` conversations (a per-epoch shuffle,
 gives each data-parallel rank its share, packs it into token-budget micro-batches and minimises the negative
 log-likelihood of the assistant tokens (a global token mean). A held-out slice gives the validation loss. At the end
 the policy is exported as an HF checkpoint, which the later stages and the rollout engines start from, and evaluated
-greedily on the validation and test prompts.
+greedily on the validation and test prompts. Data without a usable conversation stops the stage before its first
+step; a batch whose every row was dropped makes no update and counts as a skipped step (`run.max_skipped_step_fraction`).
 
 Released setting: AdamW lr 1e-5, cosine with 10% warmup, one epoch, max length 8192.
 """
