@@ -189,7 +189,7 @@ def user_error(error: Exception, code: int) -> int:
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
-    if not os.environ.get(LAUNCHED_ENV):
+    if not (error_file and os.environ.get(LAUNCHED_ENV)):
         print(line, file=sys.stderr, flush=True)
     return code
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         torchrun.run(torchrun.parse_args(torchrun_args(args, command)))
     except ChildFailedError as failed:
         _, failure = failed.get_first_failure()
-        if failure.exitcode in (USER_ERROR, RUN_FOLDER_IN_USE) and failure.message:
+        if failure.exitcode in (USER_ERROR, RUN_FOLDER_IN_USE) and isinstance(failure.message, str) and failure.message:
             print(failure.message, file=sys.stderr, flush=True)
             return failure.exitcode
         raise
