@@ -13,13 +13,15 @@ cd "$(dirname "$0")/.."
 
 bash tools/install.sh
 
-# Workers die with their launcher (runtime.exit_with_launcher); the last launch replaces this shell (exec), so
-# killing the script kills the whole run.
+# prism_mcore.launch is torchrun after a check of the config, the data paths and the run folder's lock (a problem
+# is one line, exit code 2 or 3, before any worker starts); it takes a free master port unless MASTER_PORT is set
+# (several nodes keep 29500), and shows a worker's config or data error as its one line. Workers die with their
+# launcher (runtime.exit_with_launcher); the last launch replaces this shell (exec), so killing the script kills
+# the whole run.
 launch=(
-  .venv/bin/python -m torch.distributed.run
+  .venv/bin/python -m prism_mcore.launch
   --nnodes "${NNODES:-1}" --node-rank "${NODE_RANK:-0}" --nproc-per-node "${NPROC:-1}"
-  --master-addr "${MASTER_ADDR:-127.0.0.1}" --master-port "${MASTER_PORT:-29500}"
-  -m prism_mcore
+  --master-addr "${MASTER_ADDR:-127.0.0.1}" ${MASTER_PORT:+--master-port "$MASTER_PORT"}
 )
 
 if [ "${1:-}" = "--compare" ]; then

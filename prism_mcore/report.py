@@ -2,7 +2,8 @@
 plot, and a side-by-side comparison of two runs (SFT -> RLVR against SFT -> PRISM -> RLVR).
 
 Everything is read from the run folder (`summary.json`, `metrics.jsonl`), so `python -m prism_mcore report DIR`
-works on any finished or interrupted run.
+works on any finished or interrupted run: a stage that has logged steps but not finished gets a row saying how far
+it got, and a run with no finished stage shows just those rows.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from prism_mcore.config.schema import STAGES
 from prism_mcore.files import write_text_atomic
-from prism_mcore.training.metrics import plot_metrics
+from prism_mcore.training.metrics import plot_metrics, read_metrics
 
 PLOTTED = {
     "sft": ["loss", "val_loss"],
@@ -36,12 +37,21 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def last_logged_steps(run_dir: str | Path) -> dict[str, int]:
+    """The last step each stage logged in `metrics.jsonl` (finished or not)."""
+    steps: dict[str, int] = {}
+    for record in read_metrics(Path(run_dir) / "metrics.jsonl"):
+        steps[record["stage"]] = max(steps.get(record["stage"], 0), record["step"])
+    return steps
+
+
 def _cell(value: float | None) -> str:
     return f"{value:7.3f}" if value is not None else "      -"
 
 
-def stage_table(summary: dict[str, Any]) -> str:
-    """One row per finished stage: greedy val/test accuracy and format-valid rate (warmup: D's pairwise accuracy)."""
+def stage_table(summary: dict[str, Any], logged_steps: dict[str, int] | None = None) -> str:
+    """One row per finished stage: greedy val/test accuracy and format-valid rate (warmup: D's pairwise accuracy);
+    one per unfinished stage of `logged_steps` (stage -> last step logged) saying how far it got."""
     lines = [
         f"{'stage':8s} | {'val acc':>7s} | {'val fmt':>7s} | {'test acc':>8s} | {'test fmt':>8s} | note",
         f"{'-' * 8}-+-{'-' * 7}-+-{'-' * 7}-+-{'-' * 8}-+-{'-' * 8}-+-----",
@@ -49,6 +59,10 @@ def stage_table(summary: dict[str, Any]) -> str:
     for stage in STAGES:
         record = summary["stages"].get(stage)
         if record is None:
+            if stage in (logged_steps or {}):
+                empty = _cell(None)
+                row = f"{stage:8s} | {empty} | {empty} |  {empty} |  {empty} | unfinished: step {logged_steps[stage]}"
+                lines.append(row + " logged")
             continue
         evaluation = record.get("eval", {})
         val, test = evaluation.get("val", {}), evaluation.get("test", {})
@@ -64,13 +78,23 @@ def stage_table(summary: dict[str, Any]) -> str:
 
 
 def finalize(run_dir: str | Path) -> str:
-    """Write the plot, record its path in the summary, and return the text a person reads at the end of a run."""
+    """Write the plot, record its path in the summary, and return the text a person reads at the end of a run (or
+    at any point of it: an unfinished run shows its finished stages and how far the others got)."""
     run_dir = Path(run_dir)
-    summary = load_summary(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no such directory)")
+    summary_path = run_dir / "summary.json"
+    finished = summary_path.exists()
+    summary = load_summary(run_dir) if finished else {"stages": {}}
+    logged = last_logged_steps(run_dir)
+    if not finished and not logged:
+        return f"{run_dir}: no stage has logged a step yet (no summary.json, no metrics.jsonl records)"
     plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "training_curves.png", PLOTTED)
-    summary["plot"] = str(plot)
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    return f"{stage_table(summary)}\n\nplot:    {plot}\nsummary: {run_dir / 'summary.json'}"
+    if finished:
+        summary["plot"] = str(plot)
+        write_text_atomic(summary_path, json.dumps(summary, indent=2))
+    where = summary_path if finished else "none yet (no stage has finished)"
+    return f"{stage_table(summary, logged)}\n\nplot:    {plot}\nsummary: {where}"
 
 
 def comparison(baseline_dir: str | Path, prism_dir: str | Path) -> str:

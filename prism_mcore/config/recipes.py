@@ -3,7 +3,8 @@
 `embedded` is the default: the whole pipeline on the tiny models and synthetic task built locally, sized to finish
 on a 2-core CPU in minutes. `prism` is the released PRISM setting (PRISM_SPEC §2-§5) with its defaults untouched;
 cluster recipes in examples/recipes/ start from it. A recipe may also be a file: a `.py` file defining `recipe()`,
-or a `.json` config (for instance a run folder's saved `config.json`).
+or a `.json` config (for instance a run folder's saved `config.json`). The released recipe files are also taken by
+name (`qwen3vl_4b_grpo` for examples/recipes/qwen3vl_4b_grpo.py), as examples/run_prism.sh takes them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from prism_mcore.config.overrides import ConfigError, apply_dict
 from prism_mcore.config.schema import Config
 
 RECIPES: dict[str, Callable[[], Config]] = {}
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "examples" / "recipes"  # the released recipe files
+
+
+def released_recipe_files() -> list[Path]:
+    """The released recipe files (none when the package runs without its examples folder)."""
+    return sorted(RECIPE_DIR.glob("*.py")) if RECIPE_DIR.is_dir() else []
 
 
 def register(fn: Callable[[], Config]) -> Callable[[], Config]:
@@ -63,6 +70,7 @@ def embedded() -> Config:
     config.align.policy_optim.lr = 2e-5
     config.align.discriminator_optim.lr = 1e-4
     config.rlvr.steps = 30
+    config.rlvr.max_tokens_per_microbatch = 0  # the data budget, as every other embedded stage
     config.rlvr.prompts_per_step = 8
     config.rlvr.save_every = 10
     config.rlvr.eval_every = 0
@@ -120,8 +128,12 @@ def load_recipe(name_or_path: str) -> Config:
     if name_or_path in RECIPES:
         return RECIPES[name_or_path]()
     path = Path(name_or_path)
+    released = {file.stem: file for file in released_recipe_files()}
+    if not path.exists() and name_or_path in released:
+        path = released[name_or_path]
     if not path.exists():
-        raise ConfigError(f"unknown recipe {name_or_path!r}: not a file and not one of {', '.join(sorted(RECIPES))}")
+        names = ", ".join([*sorted(RECIPES), *released])
+        raise ConfigError(f"unknown recipe {name_or_path!r}: not a file and not one of {names}")
     if path.suffix == ".json":
         try:
             values = json.loads(path.read_text())

@@ -6,13 +6,19 @@ one section per stage (`sft`, `warmup`, `align`, `rlvr`), each nesting its own `
 base config, on the command line by dotted overrides such as `align.optim.lr=1e-6` (see `overrides.py`).
 
 Defaults are the released PRISM hyper-parameters (PRISM_SPEC §2.5, §3, §4, §5); the embedded recipe shrinks sizes
-and lengths, never the algorithm.
+and lengths, never the algorithm. `check_ranges` (every value in its range, every float finite) and
+`check_token_budgets` (each stage's micro-batch budget holds its longest sample) refuse a config with one line naming
+the key.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal
+
+from prism_mcore.config.overrides import ConfigError
 
 STAGES = ("sft", "warmup", "align", "rlvr")
 
@@ -27,6 +33,8 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: list(STAGES))  # the stages `run` executes, in order
     log_every: int = 1
     keep_last: int = 2  # step checkpoints kept per stage
+    # A stage stops (no `.done`) once more than this share of its steps skipped the update for a non-finite gradient.
+    max_skipped_step_fraction: float = 0.1
     tensorboard: bool = True  # used when the tensorboard package is installed
 
 
@@ -73,6 +81,9 @@ class DataConfig:
     max_response_length: int = 6144
     over_length: Literal["filter", "truncate"] = "filter"
     on_error: Literal["raise", "skip"] = "raise"
+    # A row larger than this (its JSONL line, or its parquet/JSON columns, embedded image bytes included) is refused
+    # before it is parsed or tokenized: a `row_too_large` data error, raised or skipped by `on_error`.
+    max_row_bytes: int = 32 * 2**20
     image_backend: Literal["auto", "hf", "dali"] = "auto"
     max_tokens_per_microbatch: int = 8192  # dynamic batch size: token budget per micro-batch and GPU
     packing: bool = True
@@ -176,7 +187,7 @@ class WarmupConfig:
 class AlignConfig:
     """Stage 2: PRISM alignment against the MoE discriminator (PRISM_SPEC §3, §4)."""
 
-    steps: int = 1500
+    steps: int = 1500  # >= 1: a stage that should not train is left out of run.stages, not given 0 steps
     prompts_per_step: int = 4
     max_new_tokens: int = 6144
     save_every: int = 500
@@ -207,7 +218,7 @@ class AlignConfig:
 class RLVRConfig:
     """Stage 3: RLVR with a rule-based verifiable reward (PRISM_SPEC §5, §6)."""
 
-    steps: int = 1500
+    steps: int = 1500  # >= 1: a stage that should not train is left out of run.stages, not given 0 steps
     prompts_per_step: int = 32
     max_new_tokens: int = 8192
     save_every: int = 120
@@ -219,7 +230,8 @@ class RLVRConfig:
     # verl's total_epochs: the run also stops after this many passes over the RL prompts, counted in whole batches
     # (generation batches with dynamic sampling) as verl's drop_last loader, when that comes before `steps`; 0: no cap
     max_epochs: int = 30
-    max_tokens_per_microbatch: int = 0  # 0: data.max_tokens_per_microbatch (released: 10240, GSPO 20480)
+    # Released: 10240 (prompt 2048 + response 8192), GSPO 20480; 0: data.max_tokens_per_microbatch.
+    max_tokens_per_microbatch: int = 10240
     dynamic_sampling: bool = False  # DAPO filter groups
     generation_prompts_per_step: int = 96
     max_generation_batches: int = 10
@@ -241,3 +253,174 @@ class Config:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
     rlvr: RLVRConfig = field(default_factory=RLVRConfig)
+
+
+# --- allowed values ---------------------------------------------------------------------------------------------
+# Checked by `check_ranges` after every recipe and override, so a value that would fail (or train on nothing) many
+# minutes later stops the run at once with one line naming the key. Every float of the config must also be finite.
+
+OPTIM_SECTIONS = ("sft.optim", "warmup.optim", "align.policy_optim", "align.discriminator_optim", "rlvr.optim")
+POLICY_LOSS_SECTIONS = ("align.policy_loss", "rlvr.policy_loss")
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value >= low), f">= {low:g}"
+
+
+def _above(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value > low), f"> {low:g}"
+
+
+def _within(low: float, high: float, closed_high: bool = False) -> tuple[Callable[[Any], bool], str]:
+    if closed_high:
+        return (lambda value: low <= value <= high), f"in [{low:g}, {high:g}]"
+    return (lambda value: low <= value < high), f"in [{low:g}, {high:g})"
+
+
+_OPTIONAL = (lambda value: value is None or value >= 1), ">= 1 (or none)"
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "run.log_every": _at_least(1),
+    "run.keep_last": _at_least(1),
+    "run.seed": _at_least(0),
+    "run.max_skipped_step_fraction": _within(0, 1, closed_high=True),
+    "parallel.tensor": _at_least(1),
+    "parallel.pipeline": _at_least(1),
+    "parallel.virtual_pipeline": _OPTIONAL,
+    "parallel.expert": _at_least(1),
+    "parallel.context": _at_least(1),
+    "parallel.timeout_minutes": _at_least(1),
+    "data.max_eval_prompts": _at_least(0),
+    "data.max_prompt_length": _at_least(1),
+    "data.max_response_length": _at_least(1),
+    "data.max_tokens_per_microbatch": _at_least(1),
+    "data.max_row_bytes": _at_least(1),
+    "rollout.n": _at_least(1),
+    "rollout.temperature": _at_least(0),
+    "rollout.top_p": _within(0, 1, closed_high=True),
+    "rollout.top_k": ((lambda value: value == -1 or value >= 1), "-1 (off) or >= 1"),
+    "rollout.max_new_tokens": _at_least(1),
+    "rollout.request_timeout_s": _above(0),
+    "rollout.max_retries": _at_least(0),
+    "rollout.retry_backoff_s": _at_least(0),
+    "rollout.max_concurrent_requests": _at_least(1),
+    "rollout.server_ready_timeout_s": _above(0),
+    "rollout.weight_sync_bucket_mb": _at_least(1),
+    "rollout.weight_sync_master_port": _within(1, 65535, closed_high=True),
+    "rollout.local_max_batch_size": _at_least(1),
+    "rollout.tis_cap": _at_least(0),
+    "sft.epochs": _above(0),
+    "sft.max_steps": _at_least(0),
+    "sft.global_batch_size": _at_least(1),
+    "sft.micro_batch_size": _at_least(1),
+    "sft.max_length": _at_least(1),
+    "sft.eval_every": _at_least(0),
+    "sft.save_every": _at_least(0),
+    "warmup.epochs": _above(0),
+    "warmup.max_steps": _at_least(0),
+    "warmup.global_batch_size": _at_least(1),
+    "warmup.micro_batch_size": _at_least(1),
+    "warmup.aux_loss_coef": _at_least(0),
+    "warmup.max_image_side": _at_least(32),
+    "warmup.self_play_pairs": _at_least(0),
+    "warmup.heldout_fraction": _within(0, 1),
+    "warmup.save_every": _at_least(0),
+    "align.steps": _at_least(1),
+    "align.prompts_per_step": _at_least(1),
+    "align.max_new_tokens": _at_least(1),
+    "align.save_every": _at_least(0),
+    "align.eval_every": _at_least(0),
+    "align.max_tokens_per_microbatch": _at_least(0),
+    "align.caption_weight": _at_least(0),
+    "align.cot_weight": _at_least(0),
+    "align.format_penalty": _at_least(0),
+    "align.score_clip": _above(0),
+    "align.score_reg_coef": _at_least(0),
+    "rlvr.steps": _at_least(1),
+    "rlvr.prompts_per_step": _at_least(1),
+    "rlvr.max_new_tokens": _at_least(1),
+    "rlvr.save_every": _at_least(0),
+    "rlvr.eval_every": _at_least(0),
+    "rlvr.max_tokens_per_microbatch": _at_least(0),
+    "rlvr.generation_prompts_per_step": _at_least(1),
+    "rlvr.max_generation_batches": _at_least(1),
+    "rlvr.overlong_buffer": _at_least(0),
+    "rlvr.overlong_penalty_factor": _at_least(0),
+    **{
+        f"{section}.{name}": rule
+        for section in OPTIM_SECTIONS
+        for name, rule in (
+            ("lr", _at_least(0)),
+            ("min_lr", _at_least(0)),
+            ("weight_decay", _at_least(0)),
+            ("beta1", _within(0, 1)),
+            ("beta2", _within(0, 1)),
+            ("eps", _above(0)),
+            ("clip_grad", _at_least(0)),
+            ("warmup_steps", _at_least(0)),
+            ("warmup_ratio", _within(0, 1)),
+        )
+    },
+    **{
+        f"{section}.{name}": ((lambda value: value is None or value >= 0), ">= 0 (or none)")
+        for section in POLICY_LOSS_SECTIONS
+        for name in ("clip_low", "clip_high")
+    },
+    **{
+        f"{section}.dual_clip": ((lambda value: value is None or value == 0 or value > 1), "> 1, 0 (off) or none")
+        for section in POLICY_LOSS_SECTIONS
+    },
+}
+
+
+def _value(config: Config, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _floats(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    for item in fields(node):
+        value = getattr(node, item.name)
+        if is_dataclass(value):
+            yield from _floats(value, f"{prefix}{item.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{item.name}", value
+
+
+def check_ranges(config: Config) -> None:
+    """Raise `ConfigError` naming the first key whose value is out of its range (or not finite)."""
+    for key, value in _floats(config):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
+    for key, (allowed, expectation) in RANGES.items():
+        value = _value(config, key)
+        if not allowed(value):
+            raise ConfigError(f"{key}={value} is out of range: must be {expectation}")
+    if not config.run.stages:
+        raise ConfigError(f"run.stages is empty: list at least one of {', '.join(STAGES)}")
+
+
+def check_token_budgets(config: Config, stages: Sequence[str]) -> None:
+    """Raise `ConfigError` when a stage's token budget per micro-batch cannot hold the longest sample it may build
+    (the micro-batching would otherwise refuse it only when such a sample appears, possibly hours in)."""
+    data = config.data
+    longest = {
+        "sft": ("sft.max_length", config.sft.max_length),
+        "align": (
+            "data.max_prompt_length + align.max_new_tokens",
+            data.max_prompt_length + config.align.max_new_tokens,
+        ),
+        "rlvr": ("data.max_prompt_length + rlvr.max_new_tokens", data.max_prompt_length + config.rlvr.max_new_tokens),
+    }
+    own_budget = {"align": config.align.max_tokens_per_microbatch, "rlvr": config.rlvr.max_tokens_per_microbatch}
+    for stage in stages:
+        if stage not in longest:
+            continue
+        what, tokens = longest[stage]
+        if own_budget.get(stage):  # a stage's own budget replaces the data budget
+            key, budget = f"{stage}.max_tokens_per_microbatch", own_budget[stage]
+        else:
+            key, budget = "data.max_tokens_per_microbatch", data.max_tokens_per_microbatch
+        if budget < tokens:
+            raise ConfigError(f"{key}={budget} cannot hold the longest {stage} sample: {what} = {tokens} tokens")

@@ -31,6 +31,8 @@ IMAGE_TOO_LARGE = "image_too_large"
 IMAGE_ASPECT_RATIO = "image_aspect_ratio"
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 TOO_LONG = "too_long"
+ROW_TOO_LARGE = "row_too_large"  # over `data.max_row_bytes`, refused before it is parsed
+NO_USABLE_ROWS = "no_usable_rows"  # a file (or a stage's data) left nothing to train or evaluate on
 
 In = TypeVar("In")
 Out = TypeVar("Out")

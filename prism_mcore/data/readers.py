@@ -16,12 +16,17 @@ Three kinds of file, each read into typed records:
 An image may be a path (relative paths resolve against the data file's folder), an http(s) URL, raw bytes, or a
 `{"bytes", "path"}` dict as `datasets`' Image feature stores it; records carry the encoded file bytes. Every problem
 raises one `DataError` naming the file, the 0-based row (the line number for JSONL) and the field; `errors.checked`
-applies the raise/skip policy. Rows are parsed when they are read, so large files are never validated up front.
+applies the raise/skip policy. Rows are parsed when they are read, so large files are never validated up front. A
+row larger than `max_row_bytes` (its JSONL line, or its columns' Arrow bytes, embedded image bytes included) is
+refused before it is decoded into Python objects, parsed or tokenized (`row_too_large`). A file that cannot be read
+at all (missing, empty, not UTF-8, truncated JSON, not parquet) raises one `DataError` naming the file, and the line
+and cause where the format has lines.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -39,6 +44,7 @@ from prism_mcore.data.errors import (
     IMAGE_MISSING,
     INVALID_VALUE,
     MISSING_FIELD,
+    ROW_TOO_LARGE,
     UNREADABLE_FILE,
     WRONG_TYPE,
     DataError,
@@ -50,6 +56,8 @@ SegmentKind = Literal["caption", "cot", "response"]  # what a discriminator comp
 
 EMPTY_EQUIVALENTS = "__EMPTY__"  # an `equivalent_answers` entry that disables them (PRISM_SPEC §6.3)
 URL_TIMEOUT_S = 30.0
+MAX_ROW_BYTES = 32 * 2**20  # the default of `data.max_row_bytes`
+SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -179,40 +187,90 @@ def _undecoded(feature: Any) -> Any:
     return feature
 
 
+def check_data_file(path: str | Path) -> Path:
+    """`path` as a Path if it names a readable, non-empty data file of a supported kind; else one `DataError`."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise DataError(UNREADABLE_FILE, "expected a .json, .jsonl or .parquet file", file=str(path))
+    if not path.exists():
+        raise DataError(UNREADABLE_FILE, "no such file", file=str(path))
+    if not path.is_file():
+        raise DataError(UNREADABLE_FILE, "not a regular file", file=str(path))
+    if not os.access(path, os.R_OK):
+        raise DataError(UNREADABLE_FILE, "not readable (permission denied)", file=str(path))
+    if path.stat().st_size == 0:
+        raise DataError(UNREADABLE_FILE, "the file is empty", file=str(path))
+    return path
+
+
+def _first_bad_line(path: Path) -> str | None:
+    """Where and why a JSON/JSONL file cannot be decoded (not UTF-8, invalid JSON), or None when it can."""
+    data = path.read_bytes()
+    for number, line in enumerate(data.split(b"\n")):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            return f"line {number}: not UTF-8 (byte 0x{line[error.start]:02x} at column {error.start})"
+    if path.suffix == ".json":
+        try:
+            json.loads(data)
+        except json.JSONDecodeError as error:
+            return f"line {error.lineno - 1}: invalid JSON ({error.msg} at column {error.colno - 1})"
+    return None
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (`datasets` wraps the reader's error in a generic one)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
 class RowTable:
     """The raw rows of one data file as a `datasets.Dataset`.
 
     Parquet and JSON files are read by `datasets`' Arrow builders. JSONL is read line by line (the `text` builder)
     and each line is decoded when it is accessed, so a bad line is reported with its own line number instead of
-    failing the whole file; blank lines are not rows.
+    failing the whole file; blank lines are not rows. Line numbers in errors are 0-based, as rows are.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, max_row_bytes: int = MAX_ROW_BYTES) -> None:
+        self.path = check_data_file(path)
         self.is_jsonl = path.suffix == ".jsonl"
-        builder = {".parquet": "parquet", ".json": "json", ".jsonl": "text"}.get(path.suffix)
-        if builder is None:
-            raise DataError(UNREADABLE_FILE, "expected a .json, .jsonl or .parquet file", file=str(path))
-        if not path.is_file():
-            raise DataError(UNREADABLE_FILE, "no such file", file=str(path))
+        self.max_row_bytes = max_row_bytes
+        builder = {".parquet": "parquet", ".json": "json", ".jsonl": "text"}[path.suffix]
         try:
             # Image columns stay encoded: records carry file bytes, and decoding is the image pipeline's job.
             features = _undecoded(Features.from_arrow_schema(pq.read_schema(path))) if builder == "parquet" else None
             table = datasets.load_dataset(builder, data_files=str(path), split="train", features=features)
         except Exception as error:  # datasets and Arrow report unreadable files with many exception types
-            raise DataError(UNREADABLE_FILE, f"cannot be read: {error}", file=str(path)) from None
+            cause = (_first_bad_line(path) if builder != "parquet" else None) or str(_root_cause(error))
+            raise DataError(UNREADABLE_FILE, f"cannot be read: {cause}", file=str(path)) from None
         if self.is_jsonl:
             table = table.add_column("line", list(range(len(table))))
             table = table.filter(
                 lambda texts: [bool(text.strip()) for text in texts], input_columns="text", batched=True
             )
         self.table = table
+        self._arrow = table.with_format("arrow")  # one-row Arrow tables: sizes known before decoding
 
     def __len__(self) -> int:
         return len(self.table)
 
+    def _check_size(self, index: int) -> None:
+        row = self._arrow[index]
+        size = row.nbytes
+        if size <= self.max_row_bytes:
+            return
+        line = row.column("line")[0].as_py() if self.is_jsonl else index
+        # A JSONL line is one text; a parquet/JSON row names its largest column.
+        field = None if self.is_jsonl else max(row.column_names, key=lambda name: row.column(name).nbytes)
+        message = f"row is {size / 2**20:.1f} MiB, over data.max_row_bytes={self.max_row_bytes}"
+        raise DataError(ROW_TOO_LARGE, message, file=str(self.path), row=line, field=field)
+
     def row(self, index: int) -> tuple[int, Mapping[str, Any]]:
-        """The row's number in the file and its fields."""
+        """The row's number in the file and its fields (refused unread when over `max_row_bytes`)."""
+        self._check_size(index)
         raw = self.table[index]
         if not self.is_jsonl:
             return index, raw
@@ -229,12 +287,15 @@ class RowTable:
 class RecordReader(Generic[R]):
     """Typed records of one data file: `reader[i]` parses and validates the i-th row (raising `DataError`).
 
-    Relative image paths resolve against `image_root`, by default the file's folder.
+    Relative image paths resolve against `image_root`, by default the file's folder; rows over `max_row_bytes` are
+    refused unread.
     """
 
-    def __init__(self, path: str | Path, parse: RowParser[R], image_root: Path | None = None) -> None:
+    def __init__(
+        self, path: str | Path, parse: RowParser[R], image_root: Path | None = None, max_row_bytes: int = MAX_ROW_BYTES
+    ) -> None:
         self.path = Path(path)
-        self.rows = RowTable(self.path)
+        self.rows = RowTable(self.path, max_row_bytes)
         self.image_root = image_root if image_root is not None else self.path.parent
         self._parse = parse
 
@@ -389,14 +450,16 @@ def parse_sft_row(row: Mapping[str, Any], context: RowContext, columns: Sharegpt
     return SftExample(context.origin, messages, images, columns.messages, columns.images)
 
 
-def open_sft(path: str | Path, dataset: str | None = None) -> RecordReader[SftExample]:
+def open_sft(
+    path: str | Path, dataset: str | None = None, max_row_bytes: int = MAX_ROW_BYTES
+) -> RecordReader[SftExample]:
     """SFT examples from a sharegpt file, or from the entry `dataset` of the `dataset_info.json` in folder `path`.
 
     A registered dataset's relative image paths resolve against the registry's folder, as in LLaMA-Factory.
     """
     path = Path(path)
     if dataset is None:
-        return RecordReader(path, parse_sft_row)
+        return RecordReader(path, parse_sft_row, max_row_bytes=max_row_bytes)
     info_path = path / "dataset_info.json"
     try:
         info = json.loads(info_path.read_text())
@@ -411,7 +474,10 @@ def open_sft(path: str | Path, dataset: str | None = None) -> RecordReader[SftEx
         )
     columns = SharegptColumns.from_dataset_info(entry)
     return RecordReader(
-        path / entry["file_name"], lambda row, context: parse_sft_row(row, context, columns), image_root=path
+        path / entry["file_name"],
+        lambda row, context: parse_sft_row(row, context, columns),
+        image_root=path,
+        max_row_bytes=max_row_bytes,
     )
 
 
@@ -474,9 +540,13 @@ def parse_prompt_row(row: Mapping[str, Any], context: RowContext, require_teache
     )
 
 
-def open_prompts(path: str | Path, *, require_teacher: bool) -> RecordReader[PromptRecord]:
+def open_prompts(
+    path: str | Path, *, require_teacher: bool, max_row_bytes: int = MAX_ROW_BYTES
+) -> RecordReader[PromptRecord]:
     """Alignment (`require_teacher=True`) or RL (`False`) prompts from a verl-layout parquet (or JSON/JSONL) file."""
-    return RecordReader(path, lambda row, context: parse_prompt_row(row, context, require_teacher))
+    return RecordReader(
+        path, lambda row, context: parse_prompt_row(row, context, require_teacher), max_row_bytes=max_row_bytes
+    )
 
 
 # --- warmup pairs -----------------------------------------------------------------------------------------------
@@ -502,6 +572,6 @@ def parse_warmup_row(row: Mapping[str, Any], context: RowContext) -> WarmupExamp
     return WarmupExample(context.origin, prompt, image, pairs)
 
 
-def open_warmup(path: str | Path) -> RecordReader[WarmupExample]:
+def open_warmup(path: str | Path, max_row_bytes: int = MAX_ROW_BYTES) -> RecordReader[WarmupExample]:
     """Pairwise discriminator-warmup examples from a JSONL (or JSON/parquet) file."""
-    return RecordReader(path, parse_warmup_row)
+    return RecordReader(path, parse_warmup_row, max_row_bytes=max_row_bytes)

@@ -18,21 +18,31 @@ Positions are Qwen3-VL's 3-D MRoPE ids, the same as transformers' `Qwen3VLModel.
 (Decision 2). Length limits: prompts longer than `max_prompt_length` are always dropped (a cut question no longer
 matches its answer); SFT sequences and teacher segments are dropped (`over_length="filter"`) or cut
 (`"truncate"`), and `DataStats` counts both.
+
+`PromptSet` holds a prompt file's usable rows and builds each `Sample` (token ids, processed images) when a step asks
+for it, so the memory a stage holds for its prompts is that of a batch, not of the file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from prism_mcore.data.errors import IMAGE_COUNT_MISMATCH, TOO_LONG, DataError, DataStats, located
+from prism_mcore.data.errors import IMAGE_COUNT_MISMATCH, TOO_LONG, DataError, DataStats, OnError, checked, located
 from prism_mcore.data.images import ImageProcessor
 from prism_mcore.data.prompts import IMAGE_PLACEHOLDER, SYSTEM_PROMPT
-from prism_mcore.data.readers import ChatMessage, PromptRecord, SegmentKind, SftExample, WarmupExample
+from prism_mcore.data.readers import (
+    ChatMessage,
+    PromptRecord,
+    RecordReader,
+    SegmentKind,
+    SftExample,
+    WarmupExample,
+)
 from prism_mcore.record import ImageInputs, Sample
 
 IGNORE_INDEX = -100  # label of tokens without a loss (PyTorch's cross-entropy ignore index)
@@ -391,3 +401,67 @@ class SampleBuilder:
                     )
                 )
         return pairs
+
+
+class PromptSet(Sequence[Sample]):
+    """The usable prompts of one file as `Sample`s built on access, so memory is O(batch), not O(file).
+
+    `validate` (or a list of `rows` validated elsewhere, e.g. on another rank) decides which rows are usable: every
+    row is built once under the data policy, counted in the builder's `DataStats` and dropped, so the usable rows and
+    the counts by reason are exactly those of an eager build. `prompts[i]` then builds the i-th usable prompt again
+    (a deterministic function of the row), with a builder of its own so nothing is counted twice. Without
+    `with_teacher` (RL and evaluation prompts) the teacher texts are dropped unchecked (`prompt_sample`).
+    """
+
+    def __init__(
+        self,
+        reader: RecordReader[PromptRecord],
+        builder: SampleBuilder,
+        rows: Sequence[int],
+        with_teacher: bool = True,
+    ) -> None:
+        self.reader = reader
+        self.rows = list(rows)
+        self.with_teacher = with_teacher
+        self._builder = SampleBuilder(builder.tokenizer, builder.images, builder.limits, DataStats())
+
+    @classmethod
+    def validate(
+        cls,
+        reader: RecordReader[PromptRecord],
+        builder: SampleBuilder,
+        on_error: OnError,
+        check: Callable[[Sample], None] | None = None,
+        with_teacher: bool = True,
+    ) -> PromptSet:
+        """The usable rows of `reader` under `on_error`, counted in `builder.stats`; `check` may refuse a built
+        sample with a `DataError` (e.g. a `data_source` without a reward judge)."""
+
+        def usable(index: int) -> int:
+            record = reader[index]
+            sample = builder.prompt_sample(record, with_teacher=with_teacher)
+            if check is not None:
+                with located(record.origin.file, record.origin.row):
+                    check(sample)
+            return index
+
+        rows = list(checked(range(len(reader)), usable, on_error, builder.stats))
+        return cls(reader, builder, rows, with_teacher)
+
+    def head(self, count: int) -> PromptSet:
+        """The first `count` usable prompts (all when `count` is 0)."""
+        return PromptSet(self.reader, self._builder, self.rows[: count or None], self.with_teacher)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Sample]: ...
+
+    def __getitem__(self, index: int | slice) -> Sample | list[Sample]:
+        if isinstance(index, slice):
+            return [self._builder.prompt_sample(self.reader[row], self.with_teacher) for row in self.rows[index]]
+        return self._builder.prompt_sample(self.reader[self.rows[index]], self.with_teacher)

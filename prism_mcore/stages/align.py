@@ -202,9 +202,11 @@ def run(config: Config) -> None:
             **{f"critic/{k}": v for k, v in d_result.metrics.items()},
             "critic/grad_norm": d_result.grad_norm,
             "critic/lr": d_result.lr,
+            "critic/skipped": float(d_result.skipped),
             **{f"actor/{k}": v for k, v in p_result.metrics.items()},
             "actor/grad_norm": p_result.grad_norm,
             "actor/lr": p_result.lr,
+            "actor/skipped": float(p_result.skipped),
         }
 
     run_steps(

@@ -28,16 +28,18 @@ from prism_mcore.config import save_config
 from prism_mcore.config.schema import STAGES, Config, OptimConfig, PolicyLossSettings
 from prism_mcore.data.batching import pack_sequences, token_budget_batches
 from prism_mcore.data.embedded import ensure_embedded
-from prism_mcore.data.errors import DataStats, checked
+from prism_mcore.data.errors import INVALID_VALUE, NO_USABLE_ROWS, DataError, DataStats
 from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_prompts
-from prism_mcore.data.samples import LengthLimits, SampleBuilder
+from prism_mcore.data.samples import LengthLimits, PromptSet, SampleBuilder
 from prism_mcore.files import write_text_atomic
 from prism_mcore.models import iter_hf_weights
 from prism_mcore.record import Sample
 from prism_mcore.rewards import ResponseSegmenter, reward_batch
+from prism_mcore.rewards.verifiable import DEFAULT_DATA_SOURCE, get_judge
 from prism_mcore.rollout import RolloutEngine, SamplingParams, build_rollout_engine, weights_for_sync
 from prism_mcore.runtime import DistEnv, broadcast_from_last_stage, gather_data_parallel, init_distributed
+from prism_mcore.stages.errors import StageFailed
 from prism_mcore.training.forward import score_forward, token_batch
 from prism_mcore.training.metrics import MetricsLogger, get_logger, progress
 from prism_mcore.training.offload import IdleStateOffload
@@ -63,7 +65,7 @@ class RunContext:
     segmenter: ResponseSegmenter
     metrics: MetricsLogger
     data_stats: dict[str, DataStats] = field(default_factory=dict)
-    eval_prompts: dict[str, list[Sample]] = field(default_factory=dict)
+    eval_prompts: dict[str, PromptSet] = field(default_factory=dict)
     released_engines: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # holding no memory now
 
     @property
@@ -82,11 +84,13 @@ _CONTEXT: RunContext | None = None
 
 def quiet_libraries() -> None:
     """Keep the console to our progress and metrics: Megatron logs every parameter and optimizer field at INFO,
-    transformers draws a progress bar per checkpoint load."""
+    transformers draws a progress bar per checkpoint load, datasets one per data file read."""
     import logging
 
+    import datasets
     import transformers
 
+    datasets.disable_progress_bars()
     logging.getLogger("megatron").setLevel(logging.ERROR)  # deprecation and missing-fusion notices too
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_warning()
@@ -191,24 +195,43 @@ def update_summary(ctx: RunContext, stage: str, record: dict[str, Any]) -> None:
     write_text_atomic(path, json.dumps(summary, indent=2))
 
 
-def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -> list[Sample]:
-    """Alignment/RL/evaluation prompts as `Sample`s, validated under `data.on_error` (counts kept per file)."""
-    stats = DataStats()
-    reader = open_prompts(path, require_teacher=require_teacher)
-    builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, stats)
-    prompts = list(
-        checked(
-            range(len(reader)),
-            lambda i: builder.prompt_sample(reader[i], with_teacher=require_teacher),
-            ctx.config.data.on_error,
-            stats,
-        )
-    )
+def _judged(sample: Sample) -> None:
+    """Refuse a prompt whose `data_source` has no reward judge (found here, not at its first reward)."""
+    try:
+        get_judge(sample.data_source or DEFAULT_DATA_SOURCE)
+    except ValueError as error:
+        raise DataError(INVALID_VALUE, str(error), field="data_source") from None
+
+
+def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -> PromptSet:
+    """Alignment/RL/evaluation prompts, validated under `data.on_error` (counts kept per file) and built per step.
+
+    Rank 0 validates every row once and shares the usable rows (or the error that stopped it) with the other ranks.
+    """
+    reader = open_prompts(path, require_teacher=require_teacher, max_row_bytes=ctx.config.data.max_row_bytes)
+    builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, DataStats())
+    outcome: Any = None
+    if ctx.is_main:
+        try:
+            outcome = (
+                PromptSet.validate(reader, builder, ctx.config.data.on_error, _judged, require_teacher).rows,
+                builder.stats,
+            )
+        except DataError as error:
+            outcome = (error.reason, error.message, error.file, error.row, error.field)
+    if ctx.env.world_size > 1:
+        holder = [outcome]
+        dist.broadcast_object_list(holder, src=0)
+        outcome = holder[0]
+    if len(outcome) == 5:
+        reason, message, file, row, field_name = outcome
+        raise DataError(reason, message, file=file, row=row, field=field_name)
+    rows, stats = outcome
     ctx.data_stats[name] = stats
     log.info("%s prompts (%s): %s", name, path, stats.summary())
-    if not prompts:
-        raise ValueError(f"{path}: no usable prompt ({stats.summary()})")
-    return prompts
+    if not rows:
+        raise DataError(NO_USABLE_ROWS, f"no usable prompt ({stats.summary()})", file=path)
+    return PromptSet(reader, builder, rows, require_teacher)
 
 
 def broadcast_samples(ctx: RunContext, samples: list[Sample] | None) -> list[Sample]:
@@ -288,7 +311,7 @@ def validation_params(stage: Any, seed: int) -> SamplingParams:
 def evaluate(
     ctx: RunContext,
     engine: RolloutEngine | None,
-    prompts: list[Sample],
+    prompts: PromptSet,
     split: str,
     params: SamplingParams | None = None,
 ) -> dict[str, float]:
@@ -332,12 +355,12 @@ def evaluate_splits(
     return {split: evaluate(ctx, engine, eval_prompts(ctx, split), split, params) for split in ("val", "test")}
 
 
-def eval_prompts(ctx: RunContext, split: str) -> list[Sample]:
-    """The first `data.max_eval_prompts` prompts of the `val` or `test` split (loaded once per run)."""
+def eval_prompts(ctx: RunContext, split: str) -> PromptSet:
+    """The first `data.max_eval_prompts` prompts of the `val` or `test` split (validated once per run)."""
     if split not in ctx.eval_prompts:
         path = ctx.config.data.val_path if split == "val" else ctx.config.data.test_path
         prompts = load_prompts(ctx, path, split, require_teacher=False)
-        ctx.eval_prompts[split] = prompts[: ctx.config.data.max_eval_prompts or None]
+        ctx.eval_prompts[split] = prompts.head(ctx.config.data.max_eval_prompts)
     return ctx.eval_prompts[split]
 
 
@@ -500,6 +523,10 @@ def run_steps(
     `state` is the stage's own small JSON-able state beyond the step (e.g. how many generation batches dynamic
     sampling consumed): saved with each checkpoint and restored in place; `on_resume(step)` runs after a restore.
     `before_training()` runs on a fresh start only (not on resume); its metrics are logged as step 0.
+
+    A step whose metrics report a skipped update (`skipped` or `<model>/skipped` > 0: a non-finite gradient, or
+    nothing usable to train on) counts against `run.max_skipped_step_fraction` of the stage's steps; past it the
+    stage stops with `StageFailed` (before saving that step), so a diverged run never reaches `.done`.
     """
 
     state = {} if state is None else state
@@ -507,9 +534,11 @@ def run_steps(
 
     def save(step: int) -> None:
         with all_resident(trainables):
-            manager.save(step, trainables, meta={"state": state})
+            manager.save(step, trainables, meta={"state": state, "skipped_steps": skipped_steps})
 
     start = 0
+    skipped_steps = 0
+    allowed_skips = ctx.config.run.max_skipped_step_fraction * total_steps
     latest = manager.latest()
     if latest is None:
         ctx.metrics.truncate(stage, 0)  # a stage killed before its first checkpoint starts over
@@ -518,6 +547,7 @@ def run_steps(
             record = manager.load(latest, trainables)
         start = record["step"]
         state.update(record["meta"].get("state", {}))
+        skipped_steps = record["meta"].get("skipped_steps", 0)
         ctx.metrics.truncate(stage, start)
         log.info("%s: resumed from %s (step %d of %d)", stage, latest, start, total_steps)
         if on_resume is not None:
@@ -538,6 +568,13 @@ def run_steps(
         if (step + 1) % ctx.config.run.log_every == 0 or step + 1 == total_steps:
             shown = ", ".join(f"{key} {metrics[key]:.4g}" for key in log_keys if key in metrics)
             log.info("%s step %d/%d: %s (%.2fs)", stage, step + 1, total_steps, shown, metrics["step_time_s"])
+        skipped_steps += any(value for key, value in metrics.items() if key.rsplit("/", 1)[-1] == "skipped")
+        if skipped_steps > allowed_skips:
+            raise StageFailed(
+                f"{stage}: {skipped_steps} of the first {step + 1} steps skipped their update (non-finite gradient "
+                f"or no usable data), over run.max_skipped_step_fraction={ctx.config.run.max_skipped_step_fraction}"
+                f" of {total_steps} steps; lower the learning rate or check the data (the stage is not marked done)"
+            )
         if (save_every and (step + 1) % save_every == 0) or step + 1 == total_steps:
             save(step + 1)
     return total_steps

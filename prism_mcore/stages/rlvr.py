@@ -152,6 +152,7 @@ def run(config: Config) -> None:
             **{f"actor/{k}": v for k, v in result.metrics.items()},
             "actor/grad_norm": result.grad_norm,
             "actor/lr": result.lr,
+            "actor/skipped": float(result.skipped),
         }
 
     steps_done = run_steps(

@@ -4,7 +4,8 @@ Each step takes the next `global_batch_size` conversations (a per-epoch shuffle,
 gives each data-parallel rank its share, packs it into token-budget micro-batches and minimises the negative
 log-likelihood of the assistant tokens (a global token mean). A held-out slice gives the validation loss. At the end
 the policy is exported as an HF checkpoint, which the later stages and the rollout engines start from, and evaluated
-greedily on the validation and test prompts.
+greedily on the validation and test prompts. Data without a usable conversation stops the stage before its first
+step; a batch whose every row was dropped makes no update and counts as a skipped step (`run.max_skipped_step_fraction`).
 
 Released setting: AdamW lr 1e-5, cosine with 10% warmup, one epoch, max length 8192.
 """
@@ -15,8 +16,8 @@ import math
 
 from prism_mcore.config.schema import Config
 from prism_mcore.data.batching import pack_sequences, token_budget_batches
-from prism_mcore.data.errors import DataStats, checked
-from prism_mcore.data.readers import open_sft
+from prism_mcore.data.errors import NO_USABLE_ROWS, DataError, DataStats, OnError, checked
+from prism_mcore.data.readers import RecordReader, SftExample, open_sft
 from prism_mcore.data.samples import SampleBuilder, TokenSequence
 from prism_mcore.models import build_policy, save_hf
 from prism_mcore.stages.common import (
@@ -50,13 +51,28 @@ def microbatches(ctx: RunContext, sequences: list[TokenSequence]) -> list[TokenB
     return or_filler(batches, lambda: token_batch(pack_sequences(sequences[:1])))
 
 
+def require_usable_row(
+    reader: RecordReader[SftExample], indices: list[int], builder: SampleBuilder, on_error: OnError
+) -> None:
+    """Stop with one `DataError` unless some training row builds (rows are otherwise built lazily, step by step).
+
+    Reads rows in order until the first usable one: one row for good data, the whole file only when none is usable.
+    Counted apart, so the stage's own counts stay those of the steps.
+    """
+    probe = SampleBuilder(builder.tokenizer, builder.images, builder.limits, DataStats())
+    stats = probe.stats
+    for _ in checked(indices, lambda i: probe.sft_sequence(reader[i]), on_error, stats):
+        return
+    raise DataError(NO_USABLE_ROWS, f"no usable conversation to train on ({stats.summary()})", file=str(reader.path))
+
+
 def run(config: Config) -> None:
     ctx = start_stage(config, STAGE)
     if ctx is None:
         return
 
     cfg = config.sft
-    reader = open_sft(config.data.sft_path, config.data.sft_dataset or None)
+    reader = open_sft(config.data.sft_path, config.data.sft_dataset or None, config.data.max_row_bytes)
     stats = DataStats()
     builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, stats)
 
@@ -65,7 +81,9 @@ def run(config: Config) -> None:
 
     heldout = min(MAX_HELDOUT, len(reader) // 50)
     train_indices = list(range(len(reader) - heldout))
-    heldout_batches = microbatches(ctx, sequences(list(range(len(reader) - heldout, len(reader))))) if heldout else []
+    require_usable_row(reader, train_indices, builder, config.data.on_error)
+    heldout_sequences = sequences(list(range(len(reader) - heldout, len(reader))))
+    heldout_batches = microbatches(ctx, heldout_sequences) if heldout_sequences else []
     steps_per_epoch = math.ceil(len(train_indices) / cfg.global_batch_size)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     log.info(
@@ -83,9 +101,11 @@ def run(config: Config) -> None:
 
     def step_fn(step: int) -> dict[str, float]:
         batch = sequences(batch_for_step(train_indices, step, cfg.global_batch_size, config.run.seed))
+        if not batch:  # every row of this batch was dropped (the same on every rank): no update, counted as skipped
+            return {"skipped": 1.0}
         result = trainable.step(sft_forward, microbatches(ctx, batch))
         metrics = {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
-        if heldout and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+        if heldout_batches and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             metrics["val_loss"] = validation_loss()
         return metrics
 
@@ -100,7 +120,7 @@ def run(config: Config) -> None:
     )
     # Conversations are built lazily, step by step, so these counts cover every epoch (a row used twice counts twice).
     record = {"steps": total_steps, "conversations_built": stats.summary()}
-    if heldout:
+    if heldout_batches:
         record["val_loss"] = validation_loss()
     export = save_hf(policy, ctx.stage_dir("hf", STAGE))
     record[POLICY_HF] = str(export)

@@ -16,9 +16,10 @@ import dataclasses
 import json
 import math
 
+from prism_mcore.config import ConfigError
 from prism_mcore.config.schema import Config
 from prism_mcore.data.batching import pack_sequences, token_budget_batches
-from prism_mcore.data.errors import DataStats, checked
+from prism_mcore.data.errors import NO_USABLE_ROWS, DataError, DataStats, checked
 from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_warmup
 from prism_mcore.data.samples import SampleBuilder, SegmentPair
@@ -58,7 +59,7 @@ def file_pairs(ctx: RunContext, config: Config) -> tuple[list[SegmentPair], Data
     )
     stats = DataStats()
     builder = SampleBuilder(ctx.tokenizer, images, ctx.builder.limits, stats)
-    reader = open_warmup(config.data.warmup_path)
+    reader = open_warmup(config.data.warmup_path, config.data.max_row_bytes)
     examples = checked(range(len(reader)), lambda i: builder.warmup_pairs(reader[i]), config.data.on_error, stats)
     return [pair for pairs in examples for pair in pairs], stats
 
@@ -116,7 +117,7 @@ def run(config: Config) -> None:
     cfg = config.warmup
     if cfg.aux_loss_coef > 0 and config.parallel.pipeline > 1:
         # The loss pools the router statistics of every layer (PRISM_SPEC §2.5); a pipeline stage holds only its own.
-        raise ValueError(
+        raise ConfigError(
             f"warmup.aux_loss_coef={cfg.aux_loss_coef} needs every MoE layer on one pipeline stage: run the warmup "
             f"with parallel.pipeline=1 (not {config.parallel.pipeline}), or set warmup.aux_loss_coef=0"
         )
@@ -126,6 +127,11 @@ def run(config: Config) -> None:
     pairs = batch_for_step(pairs, 0, len(pairs), config.run.seed)  # one fixed shuffle before the split
     heldout_count = max(1, int(len(pairs) * cfg.heldout_fraction))
     heldout, train_pairs = pairs[:heldout_count], pairs[heldout_count:]
+    if not train_pairs:
+        message = (
+            f"{len(pairs)} usable pair(s); the warmup needs a held-out pair and one to train on ({stats.summary()})"
+        )
+        raise DataError(NO_USABLE_ROWS, message, file=config.data.warmup_path)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_pairs) / cfg.global_batch_size)
     log.info(
         "warmup: %d pairs (%d held out), %d steps of %d", len(pairs), heldout_count, total_steps, cfg.global_batch_size

@@ -44,3 +44,19 @@ def lock_run_dir(run_dir: str | Path) -> None:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     _RUN_LOCKS[path] = handle
+
+
+def check_run_dir_free(run_dir: str | Path) -> None:
+    """Raise `RunFolderInUse` if a live process holds `<run_dir>/.lock` now (what a launcher checks before it starts
+    workers); takes nothing: the lock is tested and let go at once."""
+    path = Path(run_dir).resolve() / ".lock"
+    if path in _RUN_LOCKS or not path.exists():
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise RunFolderInUse(
+                f"{run_dir} is in use by a running job ({holder}): stop it, or choose another run.output_dir"
+            ) from None
