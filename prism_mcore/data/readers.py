@@ -22,8 +22,6 @@ applies the raise/skip policy. Rows are parsed when they are read, so large file
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +41,13 @@ from prism_mcore.data.errors import (
     WRONG_TYPE,
     DataError,
 )
+from prism_mcore.data.images import ImageReadLimits, ImageSourceError, fetch_image_url, read_image_file
 from prism_mcore.data.prompts import IMAGE_PLACEHOLDER
 
 Role = Literal["system", "user", "assistant"]
 SegmentKind = Literal["caption", "cot", "response"]  # what a discriminator comparison scores
 
 EMPTY_EQUIVALENTS = "__EMPTY__"  # an `equivalent_answers` entry that disables them (PRISM_SPEC §6.3)
-URL_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +159,7 @@ class RowContext:
 
     origin: RowOrigin
     image_root: Path
+    image_limits: ImageReadLimits = ImageReadLimits()
 
     def error(self, reason: str, message: str, field: str) -> DataError:
         return DataError(reason, message, file=self.origin.file, row=self.origin.row, field=field)
@@ -229,13 +228,21 @@ class RowTable:
 class RecordReader(Generic[R]):
     """Typed records of one data file: `reader[i]` parses and validates the i-th row (raising `DataError`).
 
-    Relative image paths resolve against `image_root`, by default the file's folder.
+    Relative image paths resolve against `image_root`, by default the file's folder; image files and URLs are read
+    within `image_limits`.
     """
 
-    def __init__(self, path: str | Path, parse: RowParser[R], image_root: Path | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        parse: RowParser[R],
+        image_root: Path | None = None,
+        image_limits: ImageReadLimits | None = None,
+    ) -> None:
         self.path = Path(path)
         self.rows = RowTable(self.path)
         self.image_root = image_root if image_root is not None else self.path.parent
+        self.image_limits = image_limits or ImageReadLimits()
         self._parse = parse
 
     def __len__(self) -> int:
@@ -245,7 +252,7 @@ class RecordReader(Generic[R]):
         if not 0 <= index < len(self.rows):
             raise IndexError(index)
         row_number, row = self.rows.row(index)
-        return self._parse(row, RowContext(RowOrigin(str(self.path), row_number), self.image_root))
+        return self._parse(row, RowContext(RowOrigin(str(self.path), row_number), self.image_root, self.image_limits))
 
 
 # --- field access -----------------------------------------------------------------------------------------------
@@ -306,19 +313,14 @@ def _image_bytes(value: Any, name: str, context: RowContext) -> bytes:
         return value
     if not isinstance(value, str):
         raise context.error(WRONG_TYPE, f"expected an image path, URL, bytes or dict, got {type(value).__name__}", name)
-    if value.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(value, timeout=URL_TIMEOUT_S) as response:
-                return response.read()
-        except (urllib.error.URLError, OSError) as error:
-            raise context.error(IMAGE_MISSING, f"cannot fetch {value} ({error})", name) from None
-    path = Path(value)
-    if not path.is_absolute():
-        path = context.image_root / path
+    limits = context.image_limits
     try:
-        return path.read_bytes()
-    except OSError as error:
-        raise context.error(IMAGE_MISSING, f"cannot read image file {path} ({error.strerror})", name) from None
+        if value.startswith(("http://", "https://")):
+            return fetch_image_url(value, limits.max_bytes, limits.url_deadline_s)
+        path = Path(value)
+        return read_image_file(path if path.is_absolute() else context.image_root / path, limits.max_bytes)
+    except ImageSourceError as error:
+        raise context.error(IMAGE_MISSING, str(error), name) from None
 
 
 def _images(value: Any, name: str, context: RowContext) -> list[bytes]:
