@@ -90,11 +90,12 @@ def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) 
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise ImageSourceError(f"cannot open image file {path} ({error.strerror})") from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or special file"
+        raise ImageSourceError(f"image path {path} is a {kind}, not a regular file")
     with os.fdopen(descriptor, "rb") as file:
-        mode = os.fstat(descriptor).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or special file"
-            raise ImageSourceError(f"image path {path} is a {kind}, not a regular file")
         data = file.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise ImageSourceError(f"image file {path} is larger than the {max_bytes}-byte limit (max_image_bytes)")
@@ -116,20 +117,18 @@ def fetch_image_url(
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ImageSourceError(f"cannot fetch {url}: not an http(s) URL")
         remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ImageSourceError(f"{url} did not arrive within {deadline_s:g} s (image_url_deadline_s)")
         connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        connection = connection_class(parts.hostname, parts.port, timeout=max(remaining, 0.001))
+        connection = connection_class(parts.hostname, parts.port, timeout=remaining)
         expired = threading.Event()
-
-        def cut_off(connection: http.client.HTTPConnection = connection, expired: threading.Event = expired) -> None:
-            expired.set()
-            if connection.sock is not None:
-                with contextlib.suppress(OSError):
-                    connection.sock.shutdown(socket.SHUT_RDWR)
-
-        timer = threading.Timer(remaining, cut_off)
-        timer.daemon = True
-        timer.start()
+        timer: threading.Timer | None = None
         try:
+            connection.connect()  # bounded by the connection's timeout, the time left
+            # The response may take the socket over (and the connection forget it), so the timer holds it itself.
+            timer = threading.Timer(remaining, _cut_off, (connection.sock, expired))
+            timer.daemon = True
+            timer.start()
             connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")))
             response = connection.getresponse()
             location = response.getheader("Location")
@@ -138,15 +137,26 @@ def fetch_image_url(
                 continue
             if response.status != 200:
                 raise ImageSourceError(f"cannot fetch {url} (HTTP {response.status} {response.reason})")
-            return _bounded_body(response, url, max_bytes)
+            data = _bounded_body(response, url, max_bytes)
+            if not expired.is_set():  # a body cut off by the deadline may look complete when it has no length
+                return data
+            raise TimeoutError
         except (OSError, http.client.HTTPException) as error:
             if expired.is_set():
                 raise ImageSourceError(f"{url} did not arrive within {deadline_s:g} s (image_url_deadline_s)") from None
             raise ImageSourceError(f"cannot fetch {url} ({error})") from None
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             connection.close()
     raise ImageSourceError(f"cannot fetch {url}: more than {_MAX_REDIRECTS} redirects")
+
+
+def _cut_off(sock: socket.socket, expired: threading.Event) -> None:
+    """End a fetch whose deadline passed: shutting the socket down wakes the read that waits on it."""
+    expired.set()
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _bounded_body(response: http.client.HTTPResponse, url: str, max_bytes: int) -> bytes:
