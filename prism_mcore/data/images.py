@@ -69,10 +69,14 @@ _MAX_REDIRECTS = 5
 
 @dataclass(frozen=True)
 class ImageReadLimits:
-    """Bounds on reading one image file or URL (data readers; `DataConfig.max_image_mb`, `image_url_deadline_s`)."""
+    """Bounds on reading one image file or URL (the data readers; `data.max_image_mb`, `data.image_url_deadline_s`)."""
 
     max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     url_deadline_s: float = DEFAULT_URL_DEADLINE_S
+
+    @classmethod
+    def from_megabytes(cls, max_image_mb: float, url_deadline_s: float) -> ImageReadLimits:
+        return cls(max_bytes=int(max_image_mb * 1024**2), url_deadline_s=url_deadline_s)
 
 
 class ImageSourceError(ValueError):
@@ -98,7 +102,7 @@ def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) 
     with os.fdopen(descriptor, "rb") as file:
         data = file.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ImageSourceError(f"image file {path} is larger than the {max_bytes}-byte limit (max_image_bytes)")
+        raise ImageSourceError(f"image file {path} is larger than the {max_bytes}-byte limit (data.max_image_mb)")
     return data
 
 
@@ -118,7 +122,7 @@ def fetch_image_url(
             raise ImageSourceError(f"cannot fetch {url}: not an http(s) URL")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ImageSourceError(f"{url} did not arrive within {deadline_s:g} s (image_url_deadline_s)")
+            raise ImageSourceError(f"{url} did not arrive within {deadline_s:g} s (data.image_url_deadline_s)")
         connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         connection = connection_class(parts.hostname, parts.port, timeout=remaining)
         expired = threading.Event()
@@ -143,7 +147,9 @@ def fetch_image_url(
             raise TimeoutError
         except (OSError, http.client.HTTPException) as error:
             if expired.is_set():
-                raise ImageSourceError(f"{url} did not arrive within {deadline_s:g} s (image_url_deadline_s)") from None
+                raise ImageSourceError(
+                    f"{url} did not arrive within {deadline_s:g} s (data.image_url_deadline_s)"
+                ) from None
             raise ImageSourceError(f"cannot fetch {url} ({error})") from None
         finally:
             if timer is not None:
@@ -162,10 +168,10 @@ def _cut_off(sock: socket.socket, expired: threading.Event) -> None:
 def _bounded_body(response: http.client.HTTPResponse, url: str, max_bytes: int) -> bytes:
     declared = response.getheader("Content-Length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ImageSourceError(f"{url} is {declared} bytes, over the {max_bytes}-byte limit (max_image_bytes)")
+        raise ImageSourceError(f"{url} is {declared} bytes, over the {max_bytes}-byte limit (data.max_image_mb)")
     data = response.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ImageSourceError(f"{url} is larger than the {max_bytes}-byte limit (max_image_bytes)")
+        raise ImageSourceError(f"{url} is larger than the {max_bytes}-byte limit (data.max_image_mb)")
     return data
 
 
@@ -288,7 +294,7 @@ def open_image(data: bytes, field: str, geometry: ImageGeometry, config: ImageCo
     if len(data) > config.max_image_bytes:
         raise DataError(
             IMAGE_TOO_LARGE,
-            f"encoded image is {len(data)} bytes, over max_image_bytes={config.max_image_bytes}",
+            f"encoded image is {len(data)} bytes, over the limit of {config.max_image_bytes} bytes",
             field=field,
         )
     try:

@@ -391,14 +391,16 @@ def parse_sft_row(row: Mapping[str, Any], context: RowContext, columns: Sharegpt
     return SftExample(context.origin, messages, images, columns.messages, columns.images)
 
 
-def open_sft(path: str | Path, dataset: str | None = None) -> RecordReader[SftExample]:
+def open_sft(
+    path: str | Path, dataset: str | None = None, image_limits: ImageReadLimits | None = None
+) -> RecordReader[SftExample]:
     """SFT examples from a sharegpt file, or from the entry `dataset` of the `dataset_info.json` in folder `path`.
 
     A registered dataset's relative image paths resolve against the registry's folder, as in LLaMA-Factory.
     """
     path = Path(path)
     if dataset is None:
-        return RecordReader(path, parse_sft_row)
+        return RecordReader(path, parse_sft_row, image_limits=image_limits)
     info_path = path / "dataset_info.json"
     try:
         info = json.loads(info_path.read_text())
@@ -413,7 +415,10 @@ def open_sft(path: str | Path, dataset: str | None = None) -> RecordReader[SftEx
         )
     columns = SharegptColumns.from_dataset_info(entry)
     return RecordReader(
-        path / entry["file_name"], lambda row, context: parse_sft_row(row, context, columns), image_root=path
+        path / entry["file_name"],
+        lambda row, context: parse_sft_row(row, context, columns),
+        image_root=path,
+        image_limits=image_limits,
     )
 
 
@@ -476,9 +481,13 @@ def parse_prompt_row(row: Mapping[str, Any], context: RowContext, require_teache
     )
 
 
-def open_prompts(path: str | Path, *, require_teacher: bool) -> RecordReader[PromptRecord]:
+def open_prompts(
+    path: str | Path, *, require_teacher: bool, image_limits: ImageReadLimits | None = None
+) -> RecordReader[PromptRecord]:
     """Alignment (`require_teacher=True`) or RL (`False`) prompts from a verl-layout parquet (or JSON/JSONL) file."""
-    return RecordReader(path, lambda row, context: parse_prompt_row(row, context, require_teacher))
+    return RecordReader(
+        path, lambda row, context: parse_prompt_row(row, context, require_teacher), image_limits=image_limits
+    )
 
 
 # --- warmup pairs -----------------------------------------------------------------------------------------------
@@ -504,6 +513,6 @@ def parse_warmup_row(row: Mapping[str, Any], context: RowContext) -> WarmupExamp
     return WarmupExample(context.origin, prompt, image, pairs)
 
 
-def open_warmup(path: str | Path) -> RecordReader[WarmupExample]:
+def open_warmup(path: str | Path, image_limits: ImageReadLimits | None = None) -> RecordReader[WarmupExample]:
     """Pairwise discriminator-warmup examples from a JSONL (or JSON/parquet) file."""
-    return RecordReader(path, parse_warmup_row)
+    return RecordReader(path, parse_warmup_row, image_limits=image_limits)

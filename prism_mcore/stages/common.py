@@ -29,7 +29,7 @@ from prism_mcore.config.schema import STAGES, Config, OptimConfig, PolicyLossSet
 from prism_mcore.data.batching import pack_sequences, token_budget_batches
 from prism_mcore.data.embedded import ensure_embedded
 from prism_mcore.data.errors import DataStats, checked
-from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
+from prism_mcore.data.images import ImageConfig, ImageReadLimits, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_prompts
 from prism_mcore.data.samples import LengthLimits, SampleBuilder
 from prism_mcore.files import write_text_atomic
@@ -121,7 +121,8 @@ def setup(config: Config) -> RunContext:
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.policy_path, local_files_only=True)
     images = build_image_processor(
-        load_image_processor(config.model.policy_path), ImageConfig(backend=config.data.image_backend)
+        load_image_processor(config.model.policy_path),
+        ImageConfig(backend=config.data.image_backend, max_image_bytes=int(config.data.max_image_mb * 1024**2)),
     )
     limits = LengthLimits(
         max_prompt_length=config.data.max_prompt_length,
@@ -193,7 +194,9 @@ def update_summary(ctx: RunContext, stage: str, record: dict[str, Any]) -> None:
 def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -> list[Sample]:
     """Alignment/RL/evaluation prompts as `Sample`s, validated under `data.on_error` (counts kept per file)."""
     stats = DataStats()
-    reader = open_prompts(path, require_teacher=require_teacher)
+    data = ctx.config.data
+    image_limits = ImageReadLimits.from_megabytes(data.max_image_mb, data.image_url_deadline_s)
+    reader = open_prompts(path, require_teacher=require_teacher, image_limits=image_limits)
     builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, stats)
     prompts = list(
         checked(range(len(reader)), lambda i: builder.prompt_sample(reader[i]), ctx.config.data.on_error, stats)

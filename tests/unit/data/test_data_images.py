@@ -249,7 +249,7 @@ def image_server() -> Iterator[str]:
 def test_url_fetches_have_a_total_deadline_and_a_byte_limit(image_server: str, tmp_path: Path) -> None:
     assert fetch_image_url(f"{image_server}/", max_bytes=2000, deadline_s=5.0) == b"x" * 2000
     started = time.monotonic()
-    with pytest.raises(ImageSourceError, match=r"/trickle did not arrive within 1.5 s \(image_url_deadline_s\)"):
+    with pytest.raises(ImageSourceError, match=r"/trickle did not arrive within 1.5 s \(data.image_url_deadline_s\)"):
         fetch_image_url(f"{image_server}/trickle", deadline_s=1.5)
     assert time.monotonic() - started < 3.0
     with pytest.raises(ImageSourceError, match="is 1000000000 bytes, over the 1999-byte limit"):
