@@ -344,10 +344,11 @@ class RolloutServer:
                 )
                 for i, item in enumerate(image_items)
             ]
-            image_inputs = self.images(encoded)
-        except (ValueError, OSError) as error:  # DataError is a ValueError
-            field = f" ({error.field})" if isinstance(error, DataError) and error.field else ""
-            raise RequestError(f"prompt {index}: unusable image{field}: {error}") from None
+            image_inputs = self.images(encoded, [f"image_data[{index}][{i}]" for i in range(len(encoded))])
+        except DataError as error:  # a request has no file or row: the field and the problem say it all
+            raise RequestError(f"prompt {index}: unusable image ({error.field}): {error.message}") from None
+        except (ValueError, OSError) as error:
+            raise RequestError(f"prompt {index}: unusable image: {error}") from None
         merge = self.images.geometry.merge_size**2
         prompt_ids: list[int] = []
         cursor = 0
