@@ -85,6 +85,8 @@ class DataConfig:
     # before it is parsed or tokenized: a `row_too_large` data error, raised or skipped by `on_error`.
     max_row_bytes: int = 32 * 2**20
     image_backend: Literal["auto", "hf", "dali"] = "auto"
+    max_image_mb: float = 32.0  # one encoded image (file, URL or bytes); paths must be regular files
+    image_url_deadline_s: float = 30.0  # a whole http(s) image fetch, however slowly its bytes come
     max_tokens_per_microbatch: int = 8192  # dynamic batch size: token budget per micro-batch and GPU
     packing: bool = True
 

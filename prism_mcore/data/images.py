@@ -16,15 +16,27 @@ merged patch, over `max_input_pixels`, or with an aspect ratio the processor rej
 naming the image by the field it came from (`images[i]` unless the caller names the fields: a warmup row's `image`,
 a renamed SFT column).
 
+Encoded files are read with bounds (`read_image_file`, `fetch_image_url`): a local path must name a regular file (not
+a FIFO, device or folder) of at most `max_image_bytes` (default 32 MiB), and an http(s) fetch must deliver at most that
+many bytes within a total deadline (default 30 s), however slowly the bytes trickle in. `open_image` bounds the bytes
+again (images that arrive as bytes) and the pixels before anything is decoded.
+
 The warmup stage additionally shrinks images so the long side is at most 560 (PRISM_SPEC §2.5, §8.6):
 `ImageConfig.max_long_side` does that first resize, with Lanczos and truncated sizes as the reference does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import io
 import math
 import os
+import socket
+import stat
+import threading
+import time
+import urllib.parse
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +61,118 @@ ImageBackend = Literal["auto", "hf", "dali"]
 
 # Qwen's smart resize refuses images whose long side is more than 200 times the short side.
 MAX_ASPECT_RATIO = 200.0
+DEFAULT_MAX_IMAGE_BYTES = 32 * 1024**2  # one encoded image file
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192  # width * height, checked from the header before decoding
+DEFAULT_URL_DEADLINE_S = 30.0  # a whole http(s) image fetch, connection to last byte
+_MAX_REDIRECTS = 5
+
+
+@dataclass(frozen=True)
+class ImageReadLimits:
+    """Bounds on reading one image file or URL (the data readers; `data.max_image_mb`, `data.image_url_deadline_s`)."""
+
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    url_deadline_s: float = DEFAULT_URL_DEADLINE_S
+
+    @classmethod
+    def from_megabytes(cls, max_image_mb: float, url_deadline_s: float) -> ImageReadLimits:
+        return cls(max_bytes=int(max_image_mb * 1024**2), url_deadline_s=url_deadline_s)
+
+
+class ImageSourceError(ValueError):
+    """An image file or URL that cannot be read within the bounds; the message says why (the caller names the
+    file, row and field)."""
+
+
+def read_image_file(path: str | Path, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of the regular file at `path`, at most `max_bytes`; raises `ImageSourceError` for anything else.
+
+    The file is opened without blocking and checked with `fstat` on the open descriptor, so a FIFO cannot hang the
+    read and a device such as /dev/zero or a folder is refused before a byte is read.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise ImageSourceError(f"cannot open image file {path} ({error.strerror})") from None
+    mode = os.fstat(descriptor).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        kind = "folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or special file"
+        raise ImageSourceError(f"image path {path} is a {kind}, not a regular file")
+    with os.fdopen(descriptor, "rb") as file:
+        data = file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageSourceError(f"image file {path} is larger than the {max_bytes}-byte limit (data.max_image_mb)")
+    return data
+
+
+def fetch_image_url(
+    url: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES, deadline_s: float = DEFAULT_URL_DEADLINE_S
+) -> bytes:
+    """The body of an http(s) image URL (following up to 5 redirects): at most `max_bytes`, all of it within
+    `deadline_s` seconds of the call; raises `ImageSourceError` otherwise.
+
+    The deadline covers the whole fetch, not each read: a timer shuts the socket down when it expires, which wakes
+    any read in progress, so a server that trickles its headers or body one byte at a time is cut off on time.
+    """
+    deadline = time.monotonic() + deadline_s
+    for _ in range(_MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ImageSourceError(f"cannot fetch {url}: not an http(s) URL")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ImageSourceError(f"{url} did not arrive within {deadline_s:g} s (data.image_url_deadline_s)")
+        connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(parts.hostname, parts.port, timeout=remaining)
+        expired = threading.Event()
+        timer: threading.Timer | None = None
+        try:
+            connection.connect()  # bounded by the connection's timeout, the time left
+            # The response may take the socket over (and the connection forget it), so the timer holds it itself.
+            timer = threading.Timer(remaining, _cut_off, (connection.sock, expired))
+            timer.daemon = True
+            timer.start()
+            connection.request("GET", urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, "")))
+            response = connection.getresponse()
+            location = response.getheader("Location")
+            if response.status in (301, 302, 303, 307, 308) and location:
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if response.status != 200:
+                raise ImageSourceError(f"cannot fetch {url} (HTTP {response.status} {response.reason})")
+            data = _bounded_body(response, url, max_bytes)
+            if not expired.is_set():  # a body cut off by the deadline may look complete when it has no length
+                return data
+            raise TimeoutError
+        except (OSError, http.client.HTTPException) as error:
+            if expired.is_set():
+                raise ImageSourceError(
+                    f"{url} did not arrive within {deadline_s:g} s (data.image_url_deadline_s)"
+                ) from None
+            raise ImageSourceError(f"cannot fetch {url} ({error})") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            connection.close()
+    raise ImageSourceError(f"cannot fetch {url}: more than {_MAX_REDIRECTS} redirects")
+
+
+def _cut_off(sock: socket.socket, expired: threading.Event) -> None:
+    """End a fetch whose deadline passed: shutting the socket down wakes the read that waits on it."""
+    expired.set()
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _bounded_body(response: http.client.HTTPResponse, url: str, max_bytes: int) -> bytes:
+    declared = response.getheader("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ImageSourceError(f"{url} is {declared} bytes, over the {max_bytes}-byte limit (data.max_image_mb)")
+    data = response.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageSourceError(f"{url} is larger than the {max_bytes}-byte limit (data.max_image_mb)")
+    return data
 
 
 @dataclass
@@ -59,7 +183,8 @@ class ImageConfig:
     min_pixels: int | None = None  # smart-resize lower bound on the resized area
     max_pixels: int | None = None  # smart-resize upper bound on the resized area (warmup: 560*560)
     max_long_side: int | None = None  # shrink first so that max(height, width) <= this (warmup: 560)
-    max_input_pixels: int = 8192 * 8192  # larger files are rejected before decoding (decompression bombs)
+    max_input_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are rejected before decoding (decompression bombs)
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # larger encoded files are rejected before opening
 
 
 @dataclass(frozen=True)
@@ -163,9 +288,15 @@ def image_fields(count: int, fields: Sequence[str] | None) -> Sequence[str]:
 def open_image(data: bytes, field: str, geometry: ImageGeometry, config: ImageConfig) -> Image.Image:
     """Open (header only) and check one encoded image; returns the lazily decoded PIL image.
 
-    Raises `DataError` naming `field` when the file is not an image, is smaller than one merged patch on a side, has
+    Raises `DataError` naming `field` when the file is over `max_image_bytes`, is not an image, is smaller than one merged patch on a side, has
     more than `max_input_pixels`, or has an aspect ratio over 200.
     """
+    if len(data) > config.max_image_bytes:
+        raise DataError(
+            IMAGE_TOO_LARGE,
+            f"encoded image is {len(data)} bytes, over the limit of {config.max_image_bytes} bytes",
+            field=field,
+        )
     try:
         # PIL's own decompression-bomb check is a warning up to twice its limit; ours is the limit that counts.
         with warnings.catch_warnings():

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,13 +47,13 @@ from prism_mcore.data.errors import (
     WRONG_TYPE,
     DataError,
 )
+from prism_mcore.data.images import ImageReadLimits, ImageSourceError, fetch_image_url, read_image_file
 from prism_mcore.data.prompts import IMAGE_PLACEHOLDER
 
 Role = Literal["system", "user", "assistant"]
 SegmentKind = Literal["caption", "cot", "response"]  # what a discriminator comparison scores
 
 EMPTY_EQUIVALENTS = "__EMPTY__"  # an `equivalent_answers` entry that disables them (PRISM_SPEC §6.3)
-URL_TIMEOUT_S = 30.0
 MAX_ROW_BYTES = 32 * 2**20  # the default of `data.max_row_bytes`
 SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -169,6 +167,7 @@ class RowContext:
 
     origin: RowOrigin
     image_root: Path
+    image_limits: ImageReadLimits = ImageReadLimits()
 
     def error(self, reason: str, message: str, field: str) -> DataError:
         return DataError(reason, message, file=self.origin.file, row=self.origin.row, field=field)
@@ -288,15 +287,21 @@ class RecordReader(Generic[R]):
     """Typed records of one data file: `reader[i]` parses and validates the i-th row (raising `DataError`).
 
     Relative image paths resolve against `image_root`, by default the file's folder; rows over `max_row_bytes` are
-    refused unread.
+    refused unread; image files and URLs are read within `image_limits`.
     """
 
     def __init__(
-        self, path: str | Path, parse: RowParser[R], image_root: Path | None = None, max_row_bytes: int = MAX_ROW_BYTES
+        self,
+        path: str | Path,
+        parse: RowParser[R],
+        image_root: Path | None = None,
+        max_row_bytes: int = MAX_ROW_BYTES,
+        image_limits: ImageReadLimits | None = None,
     ) -> None:
         self.path = Path(path)
         self.rows = RowTable(self.path, max_row_bytes)
         self.image_root = image_root if image_root is not None else self.path.parent
+        self.image_limits = image_limits or ImageReadLimits()
         self._parse = parse
 
     def __len__(self) -> int:
@@ -306,7 +311,7 @@ class RecordReader(Generic[R]):
         if not 0 <= index < len(self.rows):
             raise IndexError(index)
         row_number, row = self.rows.row(index)
-        return self._parse(row, RowContext(RowOrigin(str(self.path), row_number), self.image_root))
+        return self._parse(row, RowContext(RowOrigin(str(self.path), row_number), self.image_root, self.image_limits))
 
 
 # --- field access -----------------------------------------------------------------------------------------------
@@ -367,19 +372,14 @@ def _image_bytes(value: Any, name: str, context: RowContext) -> bytes:
         return value
     if not isinstance(value, str):
         raise context.error(WRONG_TYPE, f"expected an image path, URL, bytes or dict, got {type(value).__name__}", name)
-    if value.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(value, timeout=URL_TIMEOUT_S) as response:
-                return response.read()
-        except (urllib.error.URLError, OSError) as error:
-            raise context.error(IMAGE_MISSING, f"cannot fetch {value} ({error})", name) from None
-    path = Path(value)
-    if not path.is_absolute():
-        path = context.image_root / path
+    limits = context.image_limits
     try:
-        return path.read_bytes()
-    except OSError as error:
-        raise context.error(IMAGE_MISSING, f"cannot read image file {path} ({error.strerror})", name) from None
+        if value.startswith(("http://", "https://")):
+            return fetch_image_url(value, limits.max_bytes, limits.url_deadline_s)
+        path = Path(value)
+        return read_image_file(path if path.is_absolute() else context.image_root / path, limits.max_bytes)
+    except ImageSourceError as error:
+        raise context.error(IMAGE_MISSING, str(error), name) from None
 
 
 def _images(value: Any, name: str, context: RowContext) -> list[bytes]:
@@ -451,7 +451,10 @@ def parse_sft_row(row: Mapping[str, Any], context: RowContext, columns: Sharegpt
 
 
 def open_sft(
-    path: str | Path, dataset: str | None = None, max_row_bytes: int = MAX_ROW_BYTES
+    path: str | Path,
+    dataset: str | None = None,
+    max_row_bytes: int = MAX_ROW_BYTES,
+    image_limits: ImageReadLimits | None = None,
 ) -> RecordReader[SftExample]:
     """SFT examples from a sharegpt file, or from the entry `dataset` of the `dataset_info.json` in folder `path`.
 
@@ -459,7 +462,7 @@ def open_sft(
     """
     path = Path(path)
     if dataset is None:
-        return RecordReader(path, parse_sft_row, max_row_bytes=max_row_bytes)
+        return RecordReader(path, parse_sft_row, max_row_bytes=max_row_bytes, image_limits=image_limits)
     info_path = path / "dataset_info.json"
     try:
         info = json.loads(info_path.read_text())
@@ -478,6 +481,7 @@ def open_sft(
         lambda row, context: parse_sft_row(row, context, columns),
         image_root=path,
         max_row_bytes=max_row_bytes,
+        image_limits=image_limits,
     )
 
 
@@ -541,11 +545,18 @@ def parse_prompt_row(row: Mapping[str, Any], context: RowContext, require_teache
 
 
 def open_prompts(
-    path: str | Path, *, require_teacher: bool, max_row_bytes: int = MAX_ROW_BYTES
+    path: str | Path,
+    *,
+    require_teacher: bool,
+    max_row_bytes: int = MAX_ROW_BYTES,
+    image_limits: ImageReadLimits | None = None,
 ) -> RecordReader[PromptRecord]:
     """Alignment (`require_teacher=True`) or RL (`False`) prompts from a verl-layout parquet (or JSON/JSONL) file."""
     return RecordReader(
-        path, lambda row, context: parse_prompt_row(row, context, require_teacher), max_row_bytes=max_row_bytes
+        path,
+        lambda row, context: parse_prompt_row(row, context, require_teacher),
+        max_row_bytes=max_row_bytes,
+        image_limits=image_limits,
     )
 
 
@@ -572,6 +583,8 @@ def parse_warmup_row(row: Mapping[str, Any], context: RowContext) -> WarmupExamp
     return WarmupExample(context.origin, prompt, image, pairs)
 
 
-def open_warmup(path: str | Path, max_row_bytes: int = MAX_ROW_BYTES) -> RecordReader[WarmupExample]:
+def open_warmup(
+    path: str | Path, max_row_bytes: int = MAX_ROW_BYTES, image_limits: ImageReadLimits | None = None
+) -> RecordReader[WarmupExample]:
     """Pairwise discriminator-warmup examples from a JSONL (or JSON/parquet) file."""
-    return RecordReader(path, parse_warmup_row, max_row_bytes=max_row_bytes)
+    return RecordReader(path, parse_warmup_row, max_row_bytes=max_row_bytes, image_limits=image_limits)

@@ -8,7 +8,8 @@ Every call classifies what went wrong, because the caller reacts differently:
 
 A server that fails is put in a cool-down that doubles with each consecutive failure (bounded by
 `RetryPolicy.max_backoff_s`); a server that answered with another weight version than the client expects is marked
-stale and left out until the next weight sync reaches it.
+stale and left out until the next weight sync reaches it; a server that could not take a weight sync is out of
+rotation (`in_rotation`) until it answers again with the current weights.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class SGLangEndpoint:
         self.consecutive_failures = 0
         self.available_at = 0.0  # time.monotonic() before which the server is cooling down
         self.stale_version: str | None = None  # the version it answered with, when that was not the expected one
+        self.in_rotation = True  # False after it missed a weight sync: it may hold old or half-loaded weights
+        self.next_probe_at = 0.0  # time.monotonic() of the next check whether a server out of rotation is back
         self._tp_size: int | None = None
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ them and as the trainer recomputes them. Only one step's distribution is held at
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +26,8 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 
 from prism_mcore.record import Sample
@@ -40,6 +42,20 @@ from prism_mcore.rollout.base import (
 
 # Qwen's end-of-turn and end-of-text tokens: Qwen3-VL's generation config stops at both (PRISM_SPEC §8.3).
 EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+class GenerationCancelled(RolloutError):
+    """`generate` stopped because its `cancelled` callback said so (the server's client went away)."""
+
+
+class _StopWhenCancelled(StoppingCriteria):
+    """Ends every row of a `model.generate` call once `cancelled()` is true; asked once per decoding step."""
+
+    def __init__(self, cancelled: Callable[[], bool]) -> None:
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.cancelled(), dtype=torch.bool, device=input_ids.device)
 
 
 class SampledTokenLogProbs(LogitsProcessor):
@@ -144,7 +160,11 @@ class LocalEngine(RolloutEngine):
     def weight_version(self) -> int:
         return self._weight_version
 
-    def generate(self, prompts: Sequence[Sample], params: SamplingParams) -> list[Sample]:
+    def generate(
+        self, prompts: Sequence[Sample], params: SamplingParams, cancelled: Callable[[], bool] | None = None
+    ) -> list[Sample]:
+        """As `RolloutEngine.generate`; `cancelled`, asked between decoding steps, ends the call early with
+        `GenerationCancelled` (the project's server passes "has the client disconnected")."""
         if self._memory_released:
             raise RolloutError("the engine's memory is released; call resume_memory() before generating")
         for sample in prompts:
@@ -157,7 +177,10 @@ class LocalEngine(RolloutEngine):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             for start in range(0, len(rows), self.max_batch_size):
-                completed += self._generate_batch(rows[start : start + self.max_batch_size], params, stop_ids)
+                batch = rows[start : start + self.max_batch_size]
+                completed += self._generate_batch(batch, params, stop_ids, cancelled)
+                if cancelled is not None and cancelled():
+                    raise GenerationCancelled("generation cancelled")
         return completed
 
     def _check_prompt(self, sample: Sample) -> None:
@@ -167,7 +190,13 @@ class LocalEngine(RolloutEngine):
             raise RolloutError(f"sample {sample.uid!r} has image tokens in its prompt but no image_inputs")
 
     @torch.no_grad()
-    def _generate_batch(self, rows: list[Sample], params: SamplingParams, stop_ids: tuple[int, ...]) -> list[Sample]:
+    def _generate_batch(
+        self,
+        rows: list[Sample],
+        params: SamplingParams,
+        stop_ids: tuple[int, ...],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[Sample]:
         prompt_length = max(len(sample.prompt_ids) for sample in rows)
         input_ids = torch.full((len(rows), prompt_length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -198,6 +227,7 @@ class LocalEngine(RolloutEngine):
             **{key: value.to(self.device) for key, value in inputs.items()},
             generation_config=generation_config,
             logits_processor=LogitsProcessorList([recorder]),
+            stopping_criteria=StoppingCriteriaList([_StopWhenCancelled(cancelled)] if cancelled else []),
         )
         tokens = output.sequences[:, prompt_length:]
         logprobs = recorder.sampled_logprobs(tokens).cpu()

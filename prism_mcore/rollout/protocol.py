@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.multiprocessing  # noqa: F401 (registers torch's tensor reductions with ForkingPickler)
 
+from prism_mcore.data.images import DEFAULT_MAX_IMAGE_BYTES, ImageSourceError, read_image_file
 from prism_mcore.record import Sample
 from prism_mcore.rollout.base import FinishReason, RolloutError, SamplingParams
 
@@ -78,10 +79,22 @@ def image_data_uri(data: bytes) -> str:
     return f"data:{image_mime_type(data)};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def decode_image_data(item: Any, field: str) -> bytes:
-    """The encoded image an `image_data` item names: a `data:` URI, bare base64, a `file://` URL or a local path.
+LOCAL_IMAGE_REFUSED = (
+    "local image paths are read only inside the folder the server was started with (--allowed-image-dir), and "
+    "only regular files there"
+)
 
-    Raises `ValueError` naming `field` for anything else (http(s) URLs are not fetched: the server runs offline).
+
+def decode_image_data(
+    item: Any, field: str, *, allowed_dir: Path | None = None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> bytes:
+    """The encoded image an `image_data` item names: a `data:` URI or bare base64 and, when `allowed_dir` is given,
+    a `file://` URL or a path of a regular file inside that folder (symlinks resolved first). Every image is at most
+    `max_bytes`.
+
+    Raises `ValueError` naming `field` for anything else: http(s) URLs (the server runs offline), and local paths
+    when no folder is allowed or the path leads outside it. A refused path gets the same answer whether or not the
+    file exists, so requests cannot probe the server's filesystem.
     """
     if isinstance(item, dict) and "url" in item:
         item = item["url"]
@@ -90,13 +103,35 @@ def decode_image_data(item: Any, field: str) -> bytes:
     if item.startswith(("http://", "https://")):
         raise ValueError(f"{field}: this server does not fetch URLs; send the image as a data URI")
     if item.startswith("data:"):
-        _, _, item = item.partition(",")
-    elif item.startswith("file://") or Path(item).is_file():
-        return Path(item.removeprefix("file://")).read_bytes()
+        return _base64_image(item.partition(",")[2], field, max_bytes)
+    if item.startswith("file://"):
+        return _local_image(item.removeprefix("file://"), field, allowed_dir, max_bytes)
     try:
-        return base64.b64decode(item, validate=True)
-    except binascii.Error as error:
-        raise ValueError(f"{field} is neither a readable file nor valid base64 ({error})") from None
+        return _base64_image(item, field, max_bytes)
+    except binascii.Error:
+        if allowed_dir is not None:
+            return _local_image(item, field, allowed_dir, max_bytes)
+        raise ValueError(f"{field} is neither a data URI nor valid base64; {LOCAL_IMAGE_REFUSED}") from None
+
+
+def _base64_image(text: str, field: str, max_bytes: int) -> bytes:
+    """Decode base64 (raises `binascii.Error`), refusing text that would decode to more than `max_bytes`."""
+    if len(text) // 4 * 3 > max_bytes + 2:
+        raise ValueError(f"{field}: the image is over the {max_bytes}-byte limit")
+    return base64.b64decode(text, validate=True)
+
+
+def _local_image(path: str, field: str, allowed_dir: Path | None, max_bytes: int) -> bytes:
+    if allowed_dir is None:
+        raise ValueError(f"{field}: {LOCAL_IMAGE_REFUSED}")
+    root = allowed_dir.resolve()
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"{field}: {LOCAL_IMAGE_REFUSED}")
+    try:
+        return read_image_file(resolved, max_bytes)
+    except ImageSourceError:
+        raise ValueError(f"{field}: {LOCAL_IMAGE_REFUSED}") from None
 
 
 def sglang_sampling_params(params: SamplingParams, seed: int | None = None) -> dict[str, Any]:

@@ -17,7 +17,11 @@ Fault handling, per completion, at most `RetryPolicy.max_retries + 1` attempts:
 When the attempts run out, `RolloutError` lists what each attempt met.
 
 Weight updates go through a `WeightSync` strategy (tensor, distributed or disk; see `weight_sync`), then
-`/flush_cache`; the servers' weight version is the engine's version as a string.
+`/flush_cache`; the servers' weight version is the engine's version as a string. A sync goes to the servers that
+answer `/health`; the others, and any lost during the sync, are taken out of rotation (a warning names them), and
+the sync fails only when no server takes it. A server out of rotation is asked again (`/model_info`, at most every
+`REPROBE_S`) before a generation: it comes back at once if it answers with the current weight version, and otherwise
+at the next sync, which pushes the current weights to it before it serves again.
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ from prism_mcore.record import Sample
 from prism_mcore.rollout.base import RolloutEngine, RolloutError, SamplingParams, completed_sample
 from prism_mcore.rollout.endpoint import RetryPolicy, ServerRejected, ServerUnavailable, SGLangEndpoint
 from prism_mcore.rollout.protocol import Completion, generate_payload, parse_generate_response, sglang_sampling_params
-from prism_mcore.rollout.weight_sync import WeightSync
+from prism_mcore.rollout.weight_sync import WeightSync, WeightSyncError
 from prism_mcore.training.metrics import get_logger
 
 logger = get_logger(__name__)
 
 # How long a health check waits: SGLang's own `/health_generate` gives its one-token generation 20 s.
 HEALTH_TIMEOUT_S = 20.0
+PROBE_TIMEOUT_S = 5.0  # `/health` before a weight sync and `/model_info` of a server out of rotation
+REPROBE_S = 10.0  # how often a server out of rotation is asked whether it is back
 
 
 class SGLangEngine(RolloutEngine):
@@ -119,6 +125,7 @@ class SGLangEngine(RolloutEngine):
     # ---- generation ----
 
     def generate(self, prompts: Sequence[Sample], params: SamplingParams) -> list[Sample]:
+        self._readmit_servers()
         for prompt in prompts:
             if not prompt.images and self.vision_token_ids.intersection(prompt.prompt_ids):
                 raise RolloutError(
@@ -182,9 +189,12 @@ class SGLangEngine(RolloutEngine):
         """The usable server with the fewest outstanding requests; waits while all of them are cooling down."""
         with self._lock:
             while True:
-                fresh = [endpoint for endpoint in self.endpoints if endpoint.stale_version is None]
+                fresh = [e for e in self.endpoints if e.stale_version is None and e.in_rotation]
                 if not fresh:
-                    versions = ", ".join(f"{e.url} has {e.stale_version!r}" for e in self.endpoints)
+                    versions = ", ".join(
+                        f"{e.url} has {e.stale_version!r}" if e.in_rotation else f"{e.url} is out of rotation"
+                        for e in self.endpoints
+                    )
                     raise RolloutError(
                         f"no server holds weight version {expected_version!r} ({versions}); "
                         "sync the weights again (update_weights) before generating"
@@ -209,36 +219,100 @@ class SGLangEngine(RolloutEngine):
     # ---- weights and memory ----
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Push the weights to every server that answers `/health`; those that do not, or are lost during the
+        push, go out of rotation. Raises `WeightSyncError` when no server takes the weights."""
         label = str(version)
-        self.weight_sync.push(self.endpoints, named_tensors, label)
-        for endpoint in self.endpoints:
-            self._flush_cache(endpoint)
+        reachable = [endpoint for endpoint in self.endpoints if self._answers(endpoint, "/health")]
+        if not reachable:
+            urls = ", ".join(endpoint.url for endpoint in self.endpoints)
+            raise WeightSyncError(f"no SGLang server answers /health; weight version {version} reached none: {urls}")
+        lost = self.weight_sync.push(reachable, named_tensors, label)
+        synced = []
+        for endpoint in reachable:
+            if endpoint not in lost and self._flush_cache(endpoint):
+                synced.append(endpoint)
+        if not synced:
+            raise WeightSyncError(f"every SGLang server was lost during the sync of weight version {version}")
         with self._lock:
             self._weight_version = version
             for endpoint in self.endpoints:
                 endpoint.stale_version = None
-        logger.info(f"rollout weights v{version} synced to {len(self.endpoints)} SGLang server(s)")
+                endpoint.in_rotation = endpoint in synced
+                endpoint.next_probe_at = time.monotonic() + REPROBE_S
+                if endpoint.in_rotation:
+                    endpoint.mark_succeeded()
+            self._lock.notify_all()
+        missing = [endpoint.url for endpoint in self.endpoints if endpoint not in synced]
+        if missing:
+            logger.warning(
+                f"rollout weights v{version} reached {len(synced)} of {len(self.endpoints)} SGLang servers; out of "
+                f"rotation until they answer again and take the weights: {', '.join(missing)}"
+            )
+        else:
+            logger.info(f"rollout weights v{version} synced to {len(self.endpoints)} SGLang server(s)")
 
-    def _flush_cache(self, endpoint: SGLangEndpoint) -> None:
+    @staticmethod
+    def _answers(endpoint: SGLangEndpoint, path: str) -> Any:
+        """`endpoint`'s answer to GET `path`, or None when it gives none (unreachable, error status)."""
+        try:
+            return endpoint.call("GET", path, timeout_s=PROBE_TIMEOUT_S) or True
+        except (ServerUnavailable, ServerRejected):
+            return None
+
+    def _readmit_servers(self) -> None:
+        """Ask each server out of rotation (at most every `REPROBE_S`) whether it is back: one that answers with
+        the current weight version serves again; one with other weights waits for the next sync."""
+        now = time.monotonic()
+        with self._lock:
+            due = [e for e in self.endpoints if not e.in_rotation and e.next_probe_at <= now]
+            for endpoint in due:
+                endpoint.next_probe_at = now + REPROBE_S
+        for endpoint in due:
+            info = self._answers(endpoint, "/model_info")
+            if isinstance(info, dict) and info.get("weight_version") == str(self._weight_version):
+                with self._lock:
+                    endpoint.in_rotation = True
+                    endpoint.mark_succeeded()
+                logger.info(
+                    f"{endpoint.url} answers again with weight version {self._weight_version}: back in rotation"
+                )
+
+    def _flush_cache(self, endpoint: SGLangEndpoint) -> bool:
         """`/flush_cache`, which SGLang refuses (400) while requests are still running: those finish within the
-        request timeout, so a few spaced retries suffice."""
+        request timeout, so a few spaced retries suffice. False when the server gave no answer (it is lost)."""
         for attempt in range(self.retry.max_retries + 1):
             try:
                 endpoint.call("POST", "/flush_cache")
-                return
+                return True
+            except ServerUnavailable:
+                return False
             except ServerRejected:
                 if attempt == self.retry.max_retries:
                     raise
                 time.sleep(self.retry.delay(attempt + 1))
+        return False
 
     def release_memory(self) -> None:
         """`/release_memory_occupation` on every server (colocated training: weights, KV cache and CUDA graphs)."""
-        for endpoint in self.endpoints:
-            endpoint.call("POST", "/release_memory_occupation", {})
+        self._on_every_server("/release_memory_occupation")
 
     def resume_memory(self) -> None:
-        for endpoint in self.endpoints:
-            endpoint.call("POST", "/resume_memory_occupation", {})
+        self._on_every_server("/resume_memory_occupation")
+
+    def _on_every_server(self, path: str) -> None:
+        """POST `path` to each server in rotation; one that gives no answer goes out of rotation (the next sync
+        tries it again), and only when none answers does this raise."""
+        answered = 0
+        for endpoint in [endpoint for endpoint in self.endpoints if endpoint.in_rotation]:
+            try:
+                endpoint.call("POST", path, {})
+                answered += 1
+            except ServerUnavailable as error:
+                logger.warning(f"{error}; {endpoint.url} is out of rotation until the next weight sync reaches it")
+                with self._lock:
+                    endpoint.in_rotation = False
+        if not answered:
+            raise RolloutError(f"{path}: no SGLang server in rotation answered")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -16,7 +16,11 @@ once, and a version label, and leaves every server serving those weights under t
   `/update_weights_from_disk`.
 
 The version label rides on the last request of a sync, so a server reports the new version only once it holds all
-of the new weights.
+of the new weights. A server that stops answering during a tensor or disk sync (connection refused or reset, 5xx) is
+left out of the rest of it and returned by `push` as lost, so the reachable servers still get the new weights; the
+engine takes the lost ones out of rotation. A refusal (4xx) still fails the sync: it would fail everywhere. The
+distributed transport cannot lose a member in the middle of a broadcast; its group is rebuilt when the set of
+servers changes between syncs.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch.distributed as dist
 
 from prism_mcore.hf_checkpoint import NamedTensors, tensor_buckets, write_hf_checkpoint
 from prism_mcore.rollout.base import RolloutError
-from prism_mcore.rollout.endpoint import SGLangEndpoint
+from prism_mcore.rollout.endpoint import ServerUnavailable, SGLangEndpoint
 from prism_mcore.rollout.protocol import serialize_named_tensors
 
 Bucket = list[tuple[str, torch.Tensor]]
@@ -60,22 +64,37 @@ def buckets(named_tensors: NamedTensors, bucket_bytes: int) -> Iterator[tuple[Bu
     yield pending, True
 
 
-def _post_all(endpoints: Sequence[SGLangEndpoint], path: str, payloads: Sequence[dict[str, Any]]) -> None:
-    """POST `payloads[i]` to `endpoints[i]` concurrently; raise `WeightSyncError` naming every server that failed."""
+def _post_all(
+    endpoints: Sequence[SGLangEndpoint], path: str, payloads: Sequence[dict[str, Any]]
+) -> list[SGLangEndpoint]:
+    """POST `payloads[i]` to `endpoints[i]` concurrently; returns the endpoints that gave no usable answer
+    (`ServerUnavailable`) and raises `WeightSyncError` naming every server that refused."""
     with ThreadPoolExecutor(max_workers=len(endpoints)) as pool:
         results = [
             pool.submit(_post_checked, endpoint, path, payload)
             for endpoint, payload in zip(endpoints, payloads, strict=True)
         ]
-        errors = [str(result.exception()) for result in results if result.exception() is not None]
+        failures = [(endpoint, result.exception()) for endpoint, result in zip(endpoints, results, strict=True)]
+    errors = [str(error) for _, error in failures if error is not None and not isinstance(error, ServerUnavailable)]
     if errors:
         raise WeightSyncError(f"{path} failed: " + "; ".join(errors))
+    return [endpoint for endpoint, error in failures if isinstance(error, ServerUnavailable)]
+
+
+def _post_all_or_raise(endpoints: Sequence[SGLangEndpoint], path: str, payloads: Sequence[dict[str, Any]]) -> None:
+    """`_post_all` for steps every server must take (a process group's members): an unreachable one fails it."""
+    lost = _post_all(endpoints, path, payloads)
+    if lost:
+        raise WeightSyncError(f"{path} failed: no answer from " + ", ".join(endpoint.url for endpoint in lost))
 
 
 def _post_checked(endpoint: SGLangEndpoint, path: str, payload: dict[str, Any]) -> None:
-    """POST and check SGLang's `{success, message}` answer of admin endpoints; any failure is a `WeightSyncError`."""
+    """POST and check SGLang's `{success, message}` answer of admin endpoints; `ServerUnavailable` passes through,
+    any other failure is a `WeightSyncError`."""
     try:
         answer = endpoint.call("POST", path, payload)
+    except ServerUnavailable:
+        raise
     except RolloutError as error:
         raise WeightSyncError(str(error)) from None
     if isinstance(answer, dict) and answer.get("success") is False:
@@ -86,8 +105,12 @@ class WeightSync(ABC):
     """Moves one version of the policy's weights into SGLang servers."""
 
     @abstractmethod
-    def push(self, endpoints: Sequence[SGLangEndpoint], named_tensors: NamedTensors, version: str) -> None:
-        """Load `named_tensors` into every server and label them `version`; raises `WeightSyncError`."""
+    def push(
+        self, endpoints: Sequence[SGLangEndpoint], named_tensors: NamedTensors, version: str
+    ) -> list[SGLangEndpoint]:
+        """Load `named_tensors` into every server and label them `version`; returns the servers lost on the way
+        (no answer; they may hold part of the weights) and raises `WeightSyncError` when a server refuses or none
+        is left."""
 
     @abstractmethod
     def close(self, endpoints: Sequence[SGLangEndpoint]) -> None:
@@ -96,21 +119,38 @@ class WeightSync(ABC):
 
 class _UpdateSession:
     """`/begin_weight_update` on every server, and `/end_weight_update` on each that began, even after a failure
-    (a server left inside a session refuses the next one)."""
+    (a server left inside a session refuses the next one). `live` are the servers still taking part: one that
+    stops answering is dropped (`drop`) and not asked again."""
 
     def __init__(self, endpoints: Sequence[SGLangEndpoint]) -> None:
         self.endpoints = endpoints
-        self.open: list[SGLangEndpoint] = []
+        self.live: list[SGLangEndpoint] = []
+        self.lost: list[SGLangEndpoint] = []
 
     def __enter__(self) -> _UpdateSession:
         try:
             for endpoint in self.endpoints:
-                _post_checked(endpoint, "/begin_weight_update", {})
-                self.open.append(endpoint)
+                try:
+                    _post_checked(endpoint, "/begin_weight_update", {})
+                except ServerUnavailable:
+                    self.lost.append(endpoint)
+                    continue
+                self.live.append(endpoint)
         except BaseException:
             self._end()
             raise
+        self._check_someone_left()
         return self
+
+    def drop(self, lost: Sequence[SGLangEndpoint]) -> None:
+        self.lost += lost
+        self.live = [endpoint for endpoint in self.live if endpoint not in lost]
+        if lost:
+            self._check_someone_left()
+
+    def _check_someone_left(self) -> None:
+        if not self.live and self.lost:
+            raise WeightSyncError("no server answered during the weight sync: " + ", ".join(e.url for e in self.lost))
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
         errors = self._end()
@@ -120,12 +160,14 @@ class _UpdateSession:
 
     def _end(self) -> list[str]:
         errors = []
-        for endpoint in self.open:
+        for endpoint in self.live:
             try:
                 _post_checked(endpoint, "/end_weight_update", {})
+            except ServerUnavailable:
+                self.lost.append(endpoint)  # gone now: out of rotation like the others lost
             except RolloutError as error:
                 errors.append(str(error))
-        self.open = []
+        self.live = []
         return errors
 
 
@@ -135,12 +177,16 @@ class TensorWeightSync(WeightSync):
 
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
 
-    def push(self, endpoints: Sequence[SGLangEndpoint], named_tensors: NamedTensors, version: str) -> None:
-        tp_sizes = [endpoint.tp_size() for endpoint in endpoints]
-        with _UpdateSession(endpoints):
+    def push(
+        self, endpoints: Sequence[SGLangEndpoint], named_tensors: NamedTensors, version: str
+    ) -> list[SGLangEndpoint]:
+        tp_sizes = {endpoint.url: endpoint.tp_size() for endpoint in endpoints}
+        with _UpdateSession(endpoints) as session:
             for bucket, last in buckets(named_tensors, self.bucket_bytes):
-                payloads = [self.payload(bucket, tp_size, version if last else None) for tp_size in tp_sizes]
-                _post_all(endpoints, "/update_weights_from_tensor", payloads)
+                live = list(session.live)
+                payloads = [self.payload(bucket, tp_sizes[e.url], version if last else None) for e in live]
+                session.drop(_post_all(live, "/update_weights_from_tensor", payloads))
+        return session.lost
 
     def close(self, endpoints: Sequence[SGLangEndpoint]) -> None:
         """Nothing to release: each update is self-contained."""
@@ -216,6 +262,7 @@ class DistributedWeightSync(WeightSync):
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     timeout_s: float = 600.0
     _group: dist.ProcessGroup | None = field(default=None, init=False, repr=False)
+    _members: list[str] = field(default_factory=list, init=False, repr=False)  # server URLs in the group
 
     def init_payloads(self, tp_sizes: Sequence[int]) -> list[dict[str, Any]]:
         """The `/init_weights_update_group` bodies, one per server."""
@@ -251,7 +298,7 @@ class DistributedWeightSync(WeightSync):
         tp_sizes = [endpoint.tp_size() for endpoint in endpoints]
         with ThreadPoolExecutor(max_workers=1) as pool:
             servers_joined = pool.submit(
-                _post_all, endpoints, "/init_weights_update_group", self.init_payloads(tp_sizes)
+                _post_all_or_raise, endpoints, "/init_weights_update_group", self.init_payloads(tp_sizes)
             )
             group = init_weight_update_group(
                 self.master_address,
@@ -265,26 +312,41 @@ class DistributedWeightSync(WeightSync):
             servers_joined.result()
         return group
 
-    def push(self, endpoints: Sequence[SGLangEndpoint], named_tensors: NamedTensors, version: str) -> None:
+    def push(
+        self, endpoints: Sequence[SGLangEndpoint], named_tensors: NamedTensors, version: str
+    ) -> list[SGLangEndpoint]:
+        """As `WeightSync.push`, except that a server lost during the broadcasts fails the sync (a collective
+        cannot continue without a member); a server set that changed since the last sync gets a new group."""
+        if self._group is not None and self._members != [endpoint.url for endpoint in endpoints]:
+            self._disband(endpoints)
         if self._group is None:
             self._group = self._connect(endpoints)
+            self._members = [endpoint.url for endpoint in endpoints]
         with _UpdateSession(endpoints), ThreadPoolExecutor(max_workers=1) as pool:
             for bucket, last in buckets(named_tensors, self.bucket_bytes):
                 payload = self.update_payload(bucket, version if last else None)
                 # The servers post their receives when the request arrives; the broadcasts match them in order.
                 announced = pool.submit(
-                    _post_all, endpoints, "/update_weights_from_distributed", [payload] * len(endpoints)
+                    _post_all_or_raise, endpoints, "/update_weights_from_distributed", [payload] * len(endpoints)
                 )
                 for _, tensor in bucket:
                     dist.broadcast(tensor.contiguous(), group=self._group, group_src=0)
                 announced.result()
+        return []
+
+    def _disband(self, endpoints: Sequence[SGLangEndpoint]) -> None:
+        """Destroy the group on the members still here (a lost one no longer holds it) and on this side."""
+        staying = [endpoint for endpoint in endpoints if endpoint.url in self._members]
+        if staying:
+            _post_all(staying, "/destroy_weights_update_group", [{"group_name": self.group_name}] * len(staying))
+        dist.destroy_process_group(self._group)
+        self._group = None
+        self._members = []
 
     def close(self, endpoints: Sequence[SGLangEndpoint]) -> None:
         if self._group is None:
             return
-        _post_all(endpoints, "/destroy_weights_update_group", [{"group_name": self.group_name}] * len(endpoints))
-        dist.destroy_process_group(self._group)
-        self._group = None
+        self._disband([endpoint for endpoint in endpoints if endpoint.url in self._members])
 
 
 @dataclass
@@ -301,13 +363,18 @@ class DiskWeightSync(WeightSync):
     base_checkpoint: Path
     _current: Path | None = field(default=None, init=False, repr=False)
 
-    def push(self, endpoints: Sequence[SGLangEndpoint], named_tensors: NamedTensors, version: str) -> None:
+    def push(
+        self, endpoints: Sequence[SGLangEndpoint], named_tensors: NamedTensors, version: str
+    ) -> list[SGLangEndpoint]:
         target = write_hf_checkpoint(named_tensors, Path(self.directory) / f"weights_v{version}", self.base_checkpoint)
         payload = {"model_path": str(target.resolve()), "weight_version": version, "flush_cache": False}
-        _post_all(endpoints, "/update_weights_from_disk", [payload] * len(endpoints))
+        lost = _post_all(endpoints, "/update_weights_from_disk", [payload] * len(endpoints))
+        if len(lost) == len(endpoints):
+            raise WeightSyncError("no server answered during the weight sync: " + ", ".join(e.url for e in lost))
         if self._current is not None and self._current != target:
             shutil.rmtree(self._current, ignore_errors=True)
         self._current = target
+        return lost
 
     def close(self, endpoints: Sequence[SGLangEndpoint]) -> None:
         """Nothing to release: the servers keep serving from the last folder, which stays on disk."""

@@ -29,7 +29,7 @@ from prism_mcore.config.schema import STAGES, Config, OptimConfig, PolicyLossSet
 from prism_mcore.data.batching import pack_sequences, token_budget_batches
 from prism_mcore.data.embedded import ensure_embedded
 from prism_mcore.data.errors import INVALID_VALUE, NO_USABLE_ROWS, DataError, DataStats
-from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
+from prism_mcore.data.images import ImageConfig, ImageReadLimits, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_prompts
 from prism_mcore.data.samples import LengthLimits, PromptSet, SampleBuilder
 from prism_mcore.files import write_text_atomic
@@ -126,7 +126,8 @@ def setup(config: Config) -> RunContext:
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.policy_path, local_files_only=True)
     images = build_image_processor(
-        load_image_processor(config.model.policy_path), ImageConfig(backend=config.data.image_backend)
+        load_image_processor(config.model.policy_path),
+        ImageConfig(backend=config.data.image_backend, max_image_bytes=int(config.data.max_image_mb * 1024**2)),
     )
     limits = LengthLimits(
         max_prompt_length=config.data.max_prompt_length,
@@ -208,7 +209,11 @@ def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -
 
     Rank 0 validates every row once and shares the usable rows (or the error that stopped it) with the other ranks.
     """
-    reader = open_prompts(path, require_teacher=require_teacher, max_row_bytes=ctx.config.data.max_row_bytes)
+    data = ctx.config.data
+    image_limits = ImageReadLimits.from_megabytes(data.max_image_mb, data.image_url_deadline_s)
+    reader = open_prompts(
+        path, require_teacher=require_teacher, max_row_bytes=data.max_row_bytes, image_limits=image_limits
+    )
     builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, DataStats())
     outcome: Any = None
     if ctx.is_main:

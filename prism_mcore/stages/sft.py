@@ -17,6 +17,7 @@ import math
 from prism_mcore.config.schema import Config
 from prism_mcore.data.batching import pack_sequences, token_budget_batches
 from prism_mcore.data.errors import NO_USABLE_ROWS, DataError, DataStats, OnError, checked
+from prism_mcore.data.images import ImageReadLimits
 from prism_mcore.data.readers import RecordReader, SftExample, open_sft
 from prism_mcore.data.samples import SampleBuilder, TokenSequence
 from prism_mcore.models import build_policy, save_hf
@@ -72,7 +73,8 @@ def run(config: Config) -> None:
         return
 
     cfg = config.sft
-    reader = open_sft(config.data.sft_path, config.data.sft_dataset or None, config.data.max_row_bytes)
+    image_limits = ImageReadLimits.from_megabytes(config.data.max_image_mb, config.data.image_url_deadline_s)
+    reader = open_sft(config.data.sft_path, config.data.sft_dataset or None, config.data.max_row_bytes, image_limits)
     stats = DataStats()
     builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, stats)
 

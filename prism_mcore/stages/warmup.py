@@ -20,7 +20,7 @@ from prism_mcore.config import ConfigError
 from prism_mcore.config.schema import Config
 from prism_mcore.data.batching import pack_sequences, token_budget_batches
 from prism_mcore.data.errors import NO_USABLE_ROWS, DataError, DataStats, checked
-from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
+from prism_mcore.data.images import ImageConfig, ImageReadLimits, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_warmup
 from prism_mcore.data.samples import SampleBuilder, SegmentPair
 from prism_mcore.files import write_text_atomic
@@ -55,11 +55,20 @@ def file_pairs(ctx: RunContext, config: Config) -> tuple[list[SegmentPair], Data
     side = config.warmup.max_image_side
     images = build_image_processor(
         load_image_processor(config.model.policy_path),
-        ImageConfig(backend=config.data.image_backend, max_long_side=side, max_pixels=side * side),
+        ImageConfig(
+            backend=config.data.image_backend,
+            max_long_side=side,
+            max_pixels=side * side,
+            max_image_bytes=int(config.data.max_image_mb * 1024**2),
+        ),
     )
     stats = DataStats()
     builder = SampleBuilder(ctx.tokenizer, images, ctx.builder.limits, stats)
-    reader = open_warmup(config.data.warmup_path, config.data.max_row_bytes)
+    reader = open_warmup(
+        config.data.warmup_path,
+        config.data.max_row_bytes,
+        ImageReadLimits.from_megabytes(config.data.max_image_mb, config.data.image_url_deadline_s),
+    )
     examples = checked(range(len(reader)), lambda i: builder.warmup_pairs(reader[i]), config.data.on_error, stats)
     return [pair for pairs in examples for pair in pairs], stats
 

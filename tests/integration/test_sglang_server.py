@@ -316,3 +316,45 @@ def test_faults_killed_restarted_and_missing_servers(
         engine.close()
         victim.kill()
         survivor.kill()
+
+
+def test_a_server_dead_during_a_weight_sync_leaves_rotation_and_returns_with_the_weights(
+    embedded: EmbeddedAssets, prompts: list[Sample], tmp_path: Path
+) -> None:
+    """Two project servers, one killed: the sync reaches the survivor, generation continues there; the killed one,
+    restarted with the checkpoint's weights, stays out until the next sync pushes the current weights to it."""
+    local = LocalEngine.from_pretrained(embedded.policy_path)
+    new_weights = perturbed_weights(local.model, seed=13)
+    local.update_weights(iter(new_weights), version=1)
+    params = SamplingParams(n=2, max_new_tokens=8, seed=500)
+    victim = launch_server(embedded.policy_path, tmp_path / "victim.log")
+    survivor = launch_server(embedded.policy_path, tmp_path / "survivor.log")
+    engine = _engine([victim.url, survivor.url], retry=RetryPolicy(max_retries=2, backoff_s=0.1))
+    try:
+        victim.kill()
+        engine.update_weights(iter(new_weights), version=1)
+        assert [e.in_rotation for e in engine.endpoints] == [False, True]
+        samples = engine.generate(prompts[:2], params)
+        assert all(s.weight_version == 1 for s in samples)
+        assert engine.endpoints[0].consecutive_failures == 0  # never asked while out of rotation
+        _assert_same_completions(samples, _local_reference(local, prompts[:2], params))
+
+        # Back on its port with the checkpoint's weights: it answers, but not with version 1, so it stays out.
+        port = int(victim.url.rsplit(":", 1)[1])
+        victim = launch_server(embedded.policy_path, tmp_path / "victim-restarted.log", port=port)
+        engine.endpoints[0].next_probe_at = 0.0  # probe now rather than after REPROBE_S
+        engine.generate(prompts[:1], SamplingParams(max_new_tokens=2))
+        assert not engine.endpoints[0].in_rotation
+
+        # The next sync pushes the current weights to it first, then it serves: alone, once the survivor is gone.
+        engine.update_weights(iter(new_weights), version=2)
+        assert requests.get(f"{victim.url}/model_info", timeout=60).json()["weight_version"] == "2"
+        assert [e.in_rotation for e in engine.endpoints] == [True, True]
+        survivor.kill()
+        samples = engine.generate(prompts[:2], params)
+        assert all(s.weight_version == 2 for s in samples)
+        _assert_same_completions(samples, _local_reference(local, prompts[:2], params))
+    finally:
+        engine.close()
+        victim.kill()
+        survivor.kill()

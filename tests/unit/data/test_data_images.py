@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,9 +24,14 @@ from prism_mcore.data.images import (
     HFImageProcessor,
     ImageConfig,
     ImageGeometry,
+    ImageReadLimits,
+    ImageSourceError,
     build_image_processor,
     dali_available,
+    fetch_image_url,
+    read_image_file,
 )
+from prism_mcore.data.readers import RecordReader, open_warmup, parse_warmup_row
 
 
 @pytest.mark.parametrize(
@@ -152,3 +163,107 @@ def test_auto_backend_is_hf_without_cuda(
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert isinstance(build_image_processor(hf_image_processor, ImageConfig(backend="auto")), HFImageProcessor)
+
+
+# --- bounded reading of image files and URLs ---------------------------------------------------------------------
+
+
+def _warmup_row(tmp_path: Path, image: str) -> Path:
+    data = tmp_path / "warmup.jsonl"
+    row = {"prompt": "What is shown?", "image": image, "teacher_response": "a cat", "student_response": "a dog"}
+    data.write_text("\n" + json.dumps(row) + "\n")  # the row is on line 1
+    return data
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_image_paths_must_be_regular_files(tmp_path: Path, kind: str) -> None:
+    """/dev/zero would be read without end and a FIFO would block the read forever: both are refused at once,
+    before a byte is read, with file, row and field named."""
+    path = {"device": Path("/dev/zero"), "fifo": tmp_path / "image.png", "folder": tmp_path / "images"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    described = {"device": "device or special file", "fifo": "FIFO", "folder": "folder"}[kind]
+    reader = open_warmup(_warmup_row(tmp_path, str(path)))
+    started = time.monotonic()
+    with pytest.raises(DataError) as refused:
+        reader[0]
+    assert time.monotonic() - started < 5.0
+    assert str(refused.value) == (
+        f"{tmp_path / 'warmup.jsonl'}, row 1, field 'image': image path {path} is a {described}, not a regular file "
+        "[image_missing]"
+    )
+
+
+def test_image_files_are_read_up_to_the_byte_limit(tmp_path: Path) -> None:
+    (tmp_path / "image.png").write_bytes(b"x" * 1000)
+    assert read_image_file(tmp_path / "image.png", max_bytes=1000) == b"x" * 1000
+    with pytest.raises(ImageSourceError, match="is larger than the 999-byte limit"):
+        read_image_file(tmp_path / "image.png", max_bytes=999)
+    reader = RecordReader(
+        _warmup_row(tmp_path, "image.png"), parse_warmup_row, image_limits=ImageReadLimits(max_bytes=999)
+    )
+    with pytest.raises(DataError, match=r"row 1, field 'image': image file .* larger than the 999-byte limit"):
+        reader[0]
+
+
+class _ImageHandler(BaseHTTPRequestHandler):
+    """Serves 2000 bytes: `/trickle` one byte every 0.1 s (each read is quick, the whole takes 200 s), `/` at once;
+    `/big` declares more than the limit, `/unsized` declares no length (the body ends when the connection does)."""
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server naming)
+        self.send_response(200)
+        if self.path != "/unsized":
+            self.send_header("Content-Length", str(10**9 if self.path == "/big" else 2000))
+        self.end_headers()
+        try:
+            if self.path == "/trickle":
+                for _ in range(2000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            elif self.path in ("/", "/unsized"):
+                self.wfile.write(b"x" * 2000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the http.server signature)
+        pass
+
+
+@pytest.fixture
+def image_server() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_url_fetches_have_a_total_deadline_and_a_byte_limit(image_server: str, tmp_path: Path) -> None:
+    assert fetch_image_url(f"{image_server}/", max_bytes=2000, deadline_s=5.0) == b"x" * 2000
+    started = time.monotonic()
+    with pytest.raises(ImageSourceError, match=r"/trickle did not arrive within 1.5 s \(data.image_url_deadline_s\)"):
+        fetch_image_url(f"{image_server}/trickle", deadline_s=1.5)
+    assert time.monotonic() - started < 3.0
+    with pytest.raises(ImageSourceError, match="is 1000000000 bytes, over the 1999-byte limit"):
+        fetch_image_url(f"{image_server}/big", max_bytes=1999)
+    with pytest.raises(ImageSourceError, match="is 2000 bytes, over the 1999-byte limit"):
+        fetch_image_url(f"{image_server}/", max_bytes=1999)
+    with pytest.raises(ImageSourceError, match="/unsized is larger than the 1999-byte limit"):
+        fetch_image_url(f"{image_server}/unsized", max_bytes=1999)
+    reader = RecordReader(
+        _warmup_row(tmp_path, f"{image_server}/trickle"),
+        parse_warmup_row,
+        image_limits=ImageReadLimits(url_deadline_s=1.0),
+    )
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"row 1, field 'image': .*/trickle did not arrive within 1 s"):
+        reader[0]
+    assert time.monotonic() - started < 2.5

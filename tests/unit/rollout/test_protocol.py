@@ -93,14 +93,53 @@ def test_image_data_items_decode_from_every_accepted_form(tmp_path: Path) -> Non
         image_data_uri(png),
         base64.b64encode(png).decode(),
         str(tmp_path / "image.png"),
+        "image.png",  # relative to the allowed folder
         f"file://{tmp_path / 'image.png'}",
         {"url": image_data_uri(png)},
     ):
-        assert decode_image_data(item, "image_data[0]") == png
+        assert decode_image_data(item, "image_data[0]", allowed_dir=tmp_path) == png
     with pytest.raises(ValueError, match=r"image_data\[1\]: this server does not fetch URLs"):
         decode_image_data("https://example.com/a.png", "image_data[1]")
-    with pytest.raises(ValueError, match=r"image_data\[2\] is neither a readable file nor valid base64"):
+    with pytest.raises(ValueError, match=r"image_data\[2\] is neither a data URI nor valid base64"):
         decode_image_data("not an image!", "image_data[2]")
+
+
+def test_local_image_paths_are_refused_outside_the_allowed_folder(tmp_path: Path) -> None:
+    """Without an allowed folder no path is read; with one, only regular files inside it (after resolving
+    symlinks). Every refusal reads the same whether the file exists or not, so a client cannot probe the disk."""
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(_png())
+    (allowed / "link.png").symlink_to(outside / "secret.png")
+    os.mkfifo(allowed / "fifo.png")
+    answers = {}
+    for name, item, allowed_dir in [
+        ("existing, no folder", f"file://{outside / 'secret.png'}", None),
+        ("missing, no folder", f"file://{outside / 'missing.png'}", None),
+        ("bare existing path, no folder", str(outside / "secret.png"), None),
+        ("bare missing path, no folder", str(outside / "missing.png"), None),
+        ("existing outside", str(outside / "secret.png"), allowed),
+        ("missing outside", str(outside / "missing.png"), allowed),
+        ("dot-dot escape", "../outside/secret.png", allowed),
+        ("symlink out of the folder", "link.png", allowed),
+        ("FIFO inside", "fifo.png", allowed),
+        ("device", "file:///dev/zero", allowed),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            decode_image_data(item, "image_data[0]", allowed_dir=allowed_dir)
+        answers[name] = str(refused.value).replace("is neither a data URI nor valid base64;", ":")
+        assert "--allowed-image-dir" in answers[name], name
+    assert len({message.replace(" :", ":") for message in answers.values()}) == 1, answers
+
+
+def test_image_data_over_the_byte_limit_is_refused_before_decoding(tmp_path: Path) -> None:
+    png = _png()
+    (tmp_path / "image.png").write_bytes(png)
+    assert decode_image_data(image_data_uri(png), "image_data[0]", max_bytes=len(png)) == png
+    for item in (image_data_uri(png), base64.b64encode(png).decode(), "image.png"):
+        with pytest.raises(ValueError, match=r"image_data\[0\]"):
+            decode_image_data(item, "image_data[0]", allowed_dir=tmp_path, max_bytes=len(png) - 8)
 
 
 def test_generate_response_parses_back() -> None:

@@ -223,6 +223,7 @@ def test_update_weights_syncs_flushes_and_readmits_stale_servers() -> None:
         assert engine.weight_version == 4 and all(e.stale_version is None for e in engine.endpoints)
         for server in servers:
             assert server.paths() == [
+                "/health",
                 "/server_info",
                 "/begin_weight_update",
                 "/update_weights_from_tensor",
@@ -236,6 +237,24 @@ def test_update_weights_syncs_flushes_and_readmits_stale_servers() -> None:
         engine.resume_memory()
         assert servers[0].paths()[-2:] == ["/release_memory_occupation", "/resume_memory_occupation"]
         engine.close()
+
+
+def test_a_dead_server_is_left_out_of_the_sync_and_out_of_rotation() -> None:
+    """One of two servers is down at sync time: the other gets the weights, the sync succeeds, and generation never
+    tries the dead one (no connection failures counted against it)."""
+    with fake_servers(sglang_like) as (live,):
+        engine = _engine([live.url, _unused_url()])
+        engine.update_weights(iter([("w", torch.ones(2))]), version=4)
+        assert live.weight_version == "4"
+        assert [e.in_rotation for e in engine.endpoints] == [True, False]
+        samples = engine.generate(PROMPTS[:1], SamplingParams(n=3))
+        assert [s.weight_version for s in samples] == [4, 4, 4]
+        assert engine.endpoints[1].consecutive_failures == 0 and engine.endpoints[1].outstanding == 0
+        engine.close()
+    nobody = _engine([_unused_url(), _unused_url()])
+    with pytest.raises(RolloutError, match=r"no SGLang server answers /health; weight version 5 reached none"):
+        nobody.update_weights(iter([("w", torch.ones(2))]), version=5)
+    nobody.close()
 
 
 def test_image_prompts_need_their_encoded_images() -> None:
