@@ -61,6 +61,7 @@ from prism_mcore.stages.common import (
     token_budget,
 )
 from prism_mcore.training.forward import DiscriminatorBatch, discriminator_forward, policy_forward
+from prism_mcore.training.step import Filler, StepResult
 
 STAGE = "align"
 
@@ -148,6 +149,33 @@ class RolloutScores:
             sample.caption_score, sample.cot_score = (caption, cot) if sample.format_valid else (0.0, 0.0)
 
 
+def work_counters(
+    ctx: RunContext, d_batches: list, d_result: StepResult, p_batches: list, p_result: StepResult
+) -> dict[str, float]:
+    """What the step computed, summed over the data-parallel ranks (`work/*`): images through the vision tower
+    (policy and D), D's packed sequences and tokens, teacher segments packed, filler micro-batches, and the share of
+    the policy's tokens that carry a loss (the only positions projected onto the vocabulary)."""
+    d_real = [batch for batch in d_batches if not isinstance(batch, Filler)]
+    p_real = [batch for batch in p_batches if not isinstance(batch, Filler)]
+    mine = torch.tensor(
+        [
+            sum(batch.packed.num_images for batch in d_real + p_real),
+            sum(batch.packed.num_sequences for batch in d_real),
+            sum(batch.packed.num_tokens for batch in d_real),
+            sum(2 * batch.num_prompts for batch in d_real),
+            d_result.filler_microbatches + p_result.filler_microbatches,
+            sum(int(batch.loss_mask.sum()) for batch in p_real),
+            sum(batch.packed.num_tokens for batch in p_real),
+        ],
+        dtype=torch.float64,
+    )
+    total = sum(gather_data_parallel(mine)) if ctx.env.dp > 1 else mine
+    names = ("vision_images", "d_sequences", "d_tokens", "teacher_segments", "filler_microbatches")
+    counters = {f"work/{name}": float(value) for name, value in zip(names, total.tolist(), strict=False)}
+    counters["work/policy_loss_token_fraction"] = float(total[5] / total[6]) if total[6] else 0.0
+    return counters
+
+
 def run(config: Config) -> None:
     ctx = start_stage(config, STAGE)
     if ctx is None:
@@ -222,6 +250,7 @@ def run(config: Config) -> None:
             **{f"actor/{k}": v for k, v in p_result.metrics.items()},
             "actor/grad_norm": p_result.grad_norm,
             "actor/lr": p_result.lr,
+            **work_counters(ctx, d_batches, d_result, p_batches, p_result),
         }
 
     run_steps(

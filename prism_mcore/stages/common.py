@@ -273,11 +273,9 @@ def evaluate(ctx: RunContext, engine: RolloutEngine | None, prompts: list[Sample
     if ctx.is_main:
         start = time.time()
         params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ctx.config.rollout.max_new_tokens)
-        samples = []
-        batch = max(ctx.config.rollout.local_max_batch_size, 1)
         with awake(ctx, engine):
-            for first in progress(range(0, len(prompts), batch), desc=f"eval {split}", total=-(-len(prompts) // batch)):
-                samples += engine.generate(prompts[first : first + batch], params)
+            # One call: an SGLang engine keeps every prompt in flight, the local engine batches by its own size.
+            samples = engine.generate(prompts, params)
         ctx.segmenter.segment_samples(samples)
         reward_batch(samples)
         result = {
