@@ -2,7 +2,7 @@
 on CPU; tests/distributed/workers/align_discriminator.py): the advantage's scores read off the update's forward equal
 the old path's eval-mode scoring of each segment alone, and the update itself (metrics, gradient norm, new value
 head) is the same whether each micro-batch carries a prompt's images once and its filler is tiny, or every sequence
-carries its own images and the filler is a full copy; every layout gives the single-process numbers."""
+carries its own images and the filler is a full copy; TP=2 gives the single-process metrics and gradient norm."""
 
 from __future__ import annotations
 
@@ -52,10 +52,15 @@ def test_shared_images_and_tiny_fillers_leave_the_update_unchanged(runs, layout:
     for rank in runs[layout]:
         assert _close(rank["new"], rank["old"]), (rank["new"], rank["old"])
         assert rank["new"]["metrics"]["valid_ratio"] == pytest.approx(5 / 6)
+
+
+def test_tensor_parallel_update_equals_the_single_process_one(runs) -> None:
+    # Not DP=2: each rank draws the value head's dropout masks from its own stream. Not the new head: Adam's first
+    # step is lr * g / (|g| + eps), so gradient entries near 0 move by up to lr on a last-digit difference.
     single = runs["single"][0]["new"]
-    for rank in runs[layout]:
-        for key in single:
-            assert _close(rank["new"][key], single[key]), (key, rank["new"][key], single[key])
+    for rank in runs["tp2"]:
+        assert _close(rank["new"]["metrics"], single["metrics"])
+        assert rank["new"]["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
 
 
 def test_work_counted(runs) -> None:

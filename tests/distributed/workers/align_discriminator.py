@@ -88,7 +88,9 @@ def main() -> None:
             disc.eval()
             with torch.no_grad():
                 config = get_model_config(model)
-                alone = [[pack_sequences([s]).padded_to_multiple(token_multiple(config), 0) for s in p] for p in students]
+                alone = [
+                    [pack_sequences([s]).padded_to_multiple(token_multiple(config), 0) for s in p] for p in students
+                ]
                 reference = [[model(**forward_kwargs(b))[0, b.score_indices[0], 0].item() for b in p] for p in alone]
             disc.train()
             result["reference_scores"] = [
