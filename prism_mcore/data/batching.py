@@ -67,20 +67,23 @@ class PackedBatch:
         """Images the vision tower encodes for this batch (each distinct image once when images are shared)."""
         return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
 
-    def filler(self) -> PackedBatch:
-        """A one-token-per-sequence text batch with this batch's first token in place of every sequence (scored at
-        that token when this batch is scored): what a data-parallel rank runs, at a zero loss, to keep step with the
-        others (`training.step.Filler`). The first token of a built sequence is a chat-template token, never an
-        image token."""
-        input_ids = self.input_ids[:, :1].expand(1, self.num_sequences).clone()
-        position_ids = None if self.position_ids is None else torch.zeros(3, 1, self.num_sequences, dtype=torch.long)
+    def filler(self, sequences: int | None = None, length: int = 1) -> PackedBatch:
+        """A text batch of `sequences` (default: as many as this batch has) sequences of `length` copies of this
+        batch's first token, scored at their last token when this batch is scored: what a data-parallel rank runs,
+        at a zero loss, to keep step with the others (`training.step.Filler`). The first token of a built sequence
+        is a chat-template token, never an image token."""
+        sequences = self.num_sequences if sequences is None else sequences
+        input_ids = self.input_ids[:, :1].repeat(1, sequences * length)
+        position_ids = None
+        if self.position_ids is not None:
+            position_ids = torch.arange(length).repeat(sequences).expand(3, 1, sequences * length).clone()
         return PackedBatch(
             input_ids=input_ids,
-            cu_seqlens=torch.arange(self.num_sequences + 1, dtype=torch.int32),
-            max_seqlen=1,
+            cu_seqlens=torch.arange(0, sequences * length + 1, length, dtype=torch.int32),
+            max_seqlen=length,
             labels=torch.full_like(input_ids, IGNORE_INDEX),
             position_ids=position_ids,
-            score_indices=None if self.score_indices is None else torch.arange(self.num_sequences),
+            score_indices=None if self.score_indices is None else torch.arange(length - 1, sequences * length, length),
         )
 
     def to(self, device: torch.device | str) -> PackedBatch:

@@ -85,22 +85,19 @@ class TokenBatch:
         return self.packed.num_sequences
 
     def filler(self) -> TokenBatch:
-        """A two-token, one-loss-position batch for a data-parallel rank to run at a zero loss (`Filler`)."""
-        packed = self.packed.filler()
-        packed = dataclasses.replace(  # one sequence of two tokens
-            packed,
-            input_ids=packed.input_ids[:, :1].repeat(1, 2),
-            cu_seqlens=torch.tensor([0, 2], dtype=torch.int32),
-            max_seqlen=2,
-            labels=packed.labels[:, :1].repeat(1, 2),
-            position_ids=None if packed.position_ids is None else torch.arange(2).expand(3, 1, 2).clone(),
-            score_indices=None,
-        )
+        """One sequence of two tokens with one loss position, for a data-parallel rank to run at a zero loss
+        (`Filler`)."""
+        packed = self.packed.filler(sequences=1, length=2)
         targets, _ = packed.next_token_targets()
-        loss_mask = torch.tensor([[True, False]])
-        zeros = torch.zeros(1, 2) if self.advantages is not None else None
-        rollout = torch.zeros(1, 2) if self.rollout_logprobs is not None else None
-        return TokenBatch(packed, targets, loss_mask, zeros, rollout, torch.tensor([0]))
+        zeros = torch.zeros(1, 2)
+        return TokenBatch(
+            packed,
+            targets,
+            loss_mask=torch.tensor([[True, False]]),
+            advantages=None if self.advantages is None else zeros,
+            rollout_logprobs=None if self.rollout_logprobs is None else zeros.clone(),
+            loss_positions=torch.tensor([0]),
+        )
 
 
 def token_batch(
@@ -283,7 +280,7 @@ def policy_loss_fraction(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Discriminator micro-batches: scoring, alignment update, warmup
+# Discriminator micro-batches: alignment update (which also scores), warmup
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -295,18 +292,6 @@ def _token_scores(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
 def _read_scores(token_scores: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
     """The score of each sequence, read at its scored token: `[num_sequences]`."""
     return token_scores[0, packed.score_indices, 0].float()
-
-
-def score_forward(data_iterator: Iterator[PackedBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-    """Forward-only scoring of segments (eval mode): returns the scores as the `scores` entry of the metrics."""
-    packed = _prepare(next(data_iterator), model)
-    output = _token_scores(model, packed)
-
-    def loss_func(token_scores: torch.Tensor) -> LossTriple:
-        scores = _read_scores(token_scores, packed)
-        return scores.sum() * 0, _count(1, scores), {"scores": scores.detach().cpu()}
-
-    return output, loss_func
 
 
 @dataclass
@@ -328,26 +313,13 @@ class DiscriminatorBatch:
     def filler(self) -> DiscriminatorBatch:
         """One sample of one-token segments, for a data-parallel rank to run at a zero loss (`Filler`)."""
         return DiscriminatorBatch(
-            packed=_one_sample(self.packed),
+            packed=self.packed.filler(sequences=4),  # a student's caption and CoT, its teacher's
             valid=self.valid[:1].clone(),
             teacher_index=torch.zeros(1, dtype=torch.long),
             num_prompts=1,
             num_valid_global=self.num_valid_global,
             sample_index=torch.full((1,), -1, dtype=torch.long),
         )
-
-
-def _one_sample(packed: PackedBatch) -> PackedBatch:
-    """Four one-token scored sequences (a student's caption and CoT, its teacher's caption and CoT)."""
-    tiny = packed.filler()
-    return dataclasses.replace(
-        tiny,
-        input_ids=tiny.input_ids[:, :1].repeat(1, 4),
-        cu_seqlens=torch.arange(5, dtype=torch.int32),
-        labels=tiny.labels[:, :1].repeat(1, 4),
-        position_ids=None if tiny.position_ids is None else torch.zeros(3, 1, 4, dtype=torch.long),
-        score_indices=torch.arange(4),
-    )
 
 
 ScoreSink = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]

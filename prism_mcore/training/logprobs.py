@@ -117,9 +117,7 @@ def logprobs_output_processor(
         output_weight=weight,
         temperature=context.temperature,
     )
-    shape = targets.shape[::-1]
-    logprobs = torch.zeros(shape, dtype=selected_logprobs.dtype, device=selected_logprobs.device)
-    entropy = torch.zeros(shape, dtype=selected_entropy.dtype, device=selected_entropy.device)
-    return logprobs.index_put(
-        (torch.zeros_like(context.positions), context.positions), selected_logprobs
-    ), entropy.index_put((torch.zeros_like(context.positions), context.positions), selected_entropy)
+    rows = (torch.zeros_like(context.positions), context.positions)  # [1, T] outputs, zero off the positions
+    logprobs = selected_logprobs.new_zeros(context.targets.shape).index_put(rows, selected_logprobs)
+    entropy = selected_entropy.new_zeros(context.targets.shape).index_put(rows, selected_entropy)
+    return logprobs, entropy
