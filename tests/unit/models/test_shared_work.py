@@ -101,3 +101,34 @@ def test_eval_scores_recorded_from_a_training_forward_equal_an_eval_forward(runt
     assert len(recorded) == 1
     torch.testing.assert_close(recorded[0], expected, atol=1e-6, rtol=0)
     assert torch.equal(scores, expected) != train  # the update's own scores carry dropout in train mode
+
+
+def test_tiny_fillers_run_the_losses_to_finite_values(runtime, dense_dir, moe_dir) -> None:
+    from prism_mcore.algorithms import DiscriminatorLossConfig, policy_loss_preset
+    from prism_mcore.training.forward import DiscriminatorBatch, discriminator_forward, policy_forward, token_batch
+
+    sequences = _sequences()
+    for sequence in sequences:
+        sequence.labels = torch.where(torch.arange(len(sequence)) > 3, sequence.input_ids, -100)
+    packed = pack_sequences(sequences, share_images=True)
+    rollout = [[-1.0] * int(s.labels.ne(-100).sum()) for s in sequences]
+    policy_filler = token_batch(packed, advantages=[1.0] * 4, rollout_logprobs=rollout).filler()
+    assert policy_filler.packed.num_tokens == 2 and policy_filler.packed.num_images == 0
+    policy = build_policy(FP32_SDPA, ParallelConfig(), path=dense_dir)
+    step = policy_forward(policy_loss_preset("prism_align", tis_cap=2.0))
+    output, loss_func = step(iter([policy_filler]), policy.chunks[0])
+    numerator, denominator, metrics = loss_func(output)
+    assert torch.isfinite(numerator) and int(denominator) == 1
+    assert all(bool(torch.isfinite(value).all()) for value in metrics.values())
+
+    d_batch = DiscriminatorBatch(packed, torch.tensor([True, False]), torch.tensor([0, 0]), 1, 1, torch.tensor([0, 1]))
+    d_filler = d_batch.filler()
+    assert d_filler.packed.num_sequences == 4 and d_filler.packed.num_tokens == 4
+    recorded = []
+    discriminator = build_discriminator(FP32_SDPA, ParallelConfig(), path=moe_dir)
+    step = discriminator_forward(DiscriminatorLossConfig(), on_scores=lambda *scores: recorded.append(scores))
+    output, loss_func = step(iter([d_filler]), discriminator.chunks[0])
+    numerator, denominator, metrics = loss_func(output)
+    assert torch.isfinite(numerator) and int(denominator) == 1
+    assert all(bool(torch.isfinite(value).all()) for value in metrics.values())
+    assert recorded[0][0].tolist() == [-1]  # a filler's scores belong to no sample
