@@ -1,6 +1,6 @@
 """Less work per forward, same results (issue 13): a micro-batch's repeated image encoded once (outputs and gradients
 as with one copy per sequence), MRoPE positions passed in (as the model derives them), log-probs computed only at
-the loss positions, and D's eval-mode scores read off a training forward."""
+the loss positions, D's eval-mode scores read off a training forward, and tiny fillers that run the losses."""
 
 from __future__ import annotations
 
