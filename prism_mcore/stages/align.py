@@ -13,9 +13,10 @@ Every step, in the reference's order (§3.2):
 No teacher logits are needed: the teacher enters only through its demonstrations, which D compares against.
 
 Steps 2 and 4 are one pass of D: the update's forward scores every student segment before the optimizer step, and
-the value head read without its dropout on those hidden states gives exactly the eval-mode scores of step 2 (the
-backbone has no dropout); only the advantage waits for them. Micro-batches hold a prompt's samples together and
-carry its image once (`pack_sequences(share_images=True)`): the vision tower encodes each image once per micro-batch.
+the value head read without its dropout on those hidden states gives the eval-mode scores of step 2 (the backbone
+has no dropout; equal up to the float rounding of a different packing); only the advantage waits for them. D's
+micro-batches keep a prompt's samples together, and every micro-batch carries each distinct image once
+(`pack_sequences(share_images=True)`): the vision tower encodes it once per micro-batch.
 """
 
 from __future__ import annotations
@@ -69,9 +70,10 @@ STAGE = "align"
 def discriminator_microbatches(ctx: RunContext, samples: list[Sample], budget: int) -> list[DiscriminatorBatch]:
     """This rank's share of the samples as D micro-batches of at most `budget` tokens.
 
-    The share is a contiguous slice in group order, so the samples of a prompt mostly share a micro-batch and its
-    teacher segments (and image) are packed (and scored, encoded) once per micro-batch rather than once per sample. A sample whose four
-    segments alone exceed the budget gets a micro-batch of its own (a sample cannot be split: its loss pairs its
+    The share is a contiguous slice in group order, so the samples of a prompt mostly share a micro-batch, and its
+    teacher segments and its image are packed (scored, encoded) once per micro-batch rather than once per sample.
+    `sample_index` maps each student to its place in `samples`, for the scores the update forward hands back. A
+    sample whose four segments alone exceed the budget gets a micro-batch of its own (a sample cannot be split: its loss pairs its
     scores with its teacher's). `num_valid_global` is N_v of PRISM_SPEC §3.1: the valid samples of the micro-batch
     summed over the data-parallel ranks' micro-batches of the same index.
     """
