@@ -73,9 +73,9 @@ def discriminator_microbatches(ctx: RunContext, samples: list[Sample], budget: i
     The share is a contiguous slice in group order, so the samples of a prompt mostly share a micro-batch, and its
     teacher segments and its image are packed (scored, encoded) once per micro-batch rather than once per sample.
     `sample_index` maps each student to its place in `samples`, for the scores the update forward hands back. A
-    sample whose four segments alone exceed the budget gets a micro-batch of its own (a sample cannot be split: its loss pairs its
-    scores with its teacher's). `num_valid_global` is N_v of PRISM_SPEC §3.1: the valid samples of the micro-batch
-    summed over the data-parallel ranks' micro-batches of the same index.
+    sample whose four segments alone exceed the budget gets a micro-batch of its own (a sample cannot be split: its
+    loss pairs its scores with its teacher's). `num_valid_global` is N_v of PRISM_SPEC §3.1: the valid samples of the
+    micro-batch summed over the data-parallel ranks' micro-batches of the same index.
     """
     teachers: dict[str, tuple] = {}
 
