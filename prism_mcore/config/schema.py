@@ -106,7 +106,7 @@ class RolloutConfig:
     request_timeout_s: float = 600.0
     max_retries: int = 3
     retry_backoff_s: float = 1.0  # first retry delay; doubles per consecutive failure of a server (at most 30 s)
-    max_concurrent_requests: int = 64  # /generate requests in flight over all servers
+    max_concurrent_requests: int = 0  # /generate requests in flight over all servers; 0: all of a call (prompts x n)
     server_ready_timeout_s: float = 600.0  # how long to wait for every server's /health_generate at start
     weight_sync_bucket_mb: int = 512  # tensor and distributed sync: tensors per request/broadcast round
     weight_sync_dir: str = ""  # disk sync: folder the servers can read; empty means <run.output_dir>/rollout_weights

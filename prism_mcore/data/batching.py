@@ -46,6 +46,9 @@ class PackedBatch:
     pixel_values: torch.Tensor | None = None  # [sum of patches, C*T*P*P], images in sequence order
     image_grid_thw: torch.Tensor | None = None  # [num images, 3]
     score_indices: torch.Tensor | None = None  # [N] int64: each sequence's scored token, as an index into T
+    # [images in sequence order] int64: the row of `image_grid_thw` (and the pixels) each image token run shows;
+    # None: one row per image in sequence order. Set by `pack_sequences(..., share_images=True)`.
+    image_index: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -58,6 +61,30 @@ class PackedBatch:
     @property
     def loss_mask(self) -> torch.Tensor:
         return self.labels != IGNORE_INDEX
+
+    @property
+    def num_images(self) -> int:
+        """Images the vision tower encodes for this batch (each distinct image once when images are shared)."""
+        return 0 if self.image_grid_thw is None else int(self.image_grid_thw.shape[0])
+
+    def filler(self, sequences: int | None = None, length: int = 1) -> PackedBatch:
+        """A text batch of `sequences` (default: as many as this batch has) sequences of `length` copies of this
+        batch's first token, scored at their last token when this batch is scored: what a data-parallel rank runs,
+        at a zero loss, to keep step with the others (`training.step.Filler`). The first token of a built sequence
+        is a chat-template token, never an image token."""
+        sequences = self.num_sequences if sequences is None else sequences
+        input_ids = self.input_ids[:, :1].repeat(1, sequences * length)
+        position_ids = None
+        if self.position_ids is not None:
+            position_ids = torch.arange(length).repeat(sequences).expand(3, 1, sequences * length).clone()
+        return PackedBatch(
+            input_ids=input_ids,
+            cu_seqlens=torch.arange(0, sequences * length + 1, length, dtype=torch.int32),
+            max_seqlen=length,
+            labels=torch.full_like(input_ids, IGNORE_INDEX),
+            position_ids=position_ids,
+            score_indices=None if self.score_indices is None else torch.arange(length - 1, sequences * length, length),
+        )
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """This batch with every tensor on `device`."""
@@ -150,6 +177,39 @@ def _image_inputs(images: Sequence[ImageInputs | None]) -> tuple[torch.Tensor | 
     return torch.cat([i.pixel_values for i in present]), torch.cat([i.image_grid_thw for i in present])
 
 
+def _same_images(a: ImageInputs, b: ImageInputs) -> bool:
+    return a is b or (
+        torch.equal(a.image_grid_thw, b.image_grid_thw)
+        and a.pixel_values.shape == b.pixel_values.shape
+        and torch.equal(a.pixel_values, b.pixel_values)
+    )
+
+
+def _shared_image_inputs(
+    images: Sequence[ImageInputs | None],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Pixels and grids of the distinct image inputs of `images` (equal content counts once, in order of first
+    appearance), and for each image of each sequence, in sequence order, the grid row that holds it."""
+    distinct: list[ImageInputs] = []
+    first_rows: list[int] = []  # the first grid row of each distinct entry
+    image_index: list[int] = []
+    rows = 0
+    for item in images:
+        if item is None:
+            continue
+        match = next((d for d, known in enumerate(distinct) if _same_images(known, item)), None)
+        if match is None:
+            match = len(distinct)
+            distinct.append(item)
+            first_rows.append(rows)
+            rows += item.num_images
+        image_index += range(first_rows[match], first_rows[match] + item.num_images)
+    if not distinct:
+        return None, None, None
+    pixel_values, image_grid_thw = _image_inputs(distinct)
+    return pixel_values, image_grid_thw, torch.tensor(image_index, dtype=torch.long)
+
+
 def _score_indices(sequences: Sequence[TokenSequence], offsets: Sequence[int]) -> torch.Tensor | None:
     scored = [sequence.score_index is not None for sequence in sequences]
     if not any(scored):
@@ -159,15 +219,27 @@ def _score_indices(sequences: Sequence[TokenSequence], offsets: Sequence[int]) -
     return torch.tensor([offset + sequence.score_index for sequence, offset in zip(sequences, offsets, strict=True)])
 
 
-def pack_sequences(sequences: Sequence[TokenSequence]) -> PackedBatch:
-    """Concatenate built `sequences` into one `PackedBatch`, with their MRoPE positions, labels and score indices."""
+def pack_sequences(sequences: Sequence[TokenSequence], share_images: bool = False) -> PackedBatch:
+    """Concatenate built `sequences` into one `PackedBatch`, with their MRoPE positions, labels and score indices.
+
+    With `share_images`, sequences that show the same images (the segments and samples of one prompt) carry them
+    once: the batch holds each distinct image input once and `image_index` maps every image of every sequence to
+    its row, so the vision tower encodes it once and its embeddings go to each sequence's image tokens (the model
+    sums the gradients of the copies, `models.qwen3_vl`).
+    """
     input_ids = [sequence.input_ids for sequence in sequences]
-    batch = pack_token_ids(input_ids, [sequence.image_inputs for sequence in sequences])
+    images = [sequence.image_inputs for sequence in sequences]
+    batch = pack_token_ids(input_ids, images)
+    image_index = None
+    if share_images:
+        pixel_values, image_grid_thw, image_index = _shared_image_inputs(images)
+        batch = replace(batch, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
     return replace(
         batch,
         position_ids=torch.cat([sequence.position_ids for sequence in sequences], dim=1).unsqueeze(1),
         labels=torch.cat([_labels(sequence) for sequence in sequences]).unsqueeze(0),
         score_indices=_score_indices(sequences, batch.cu_seqlens[:-1].tolist()),
+        image_index=image_index,
     )
 
 

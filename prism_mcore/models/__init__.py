@@ -35,6 +35,7 @@ _EXPORTS = {
     "last_token_scores": "discriminator",
     "packed_seq_params": "inputs",
     "padding_token_id": "inputs",
+    "record_eval_scores": "discriminator",
     "record_router_logits": "router",
     "router_load_balancing_loss": "router",
     "save_hf": "export",

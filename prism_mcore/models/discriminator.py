@@ -4,7 +4,8 @@ D is Qwen3-VL-MoE whose language-model output layer is replaced by `ValueHead` =
 bias=False), initialised N(0, 0.02²) (the slime critic pattern): Megatron's `GPTModel` calls its output layer on the
 final-norm hidden states, so with the head in that slot a forward returns one score per token, `[b, s, 1]` (packed:
 `[1, t, 1]`), and no vocabulary projection is ever computed or stored. Dropout is active in train mode and off in
-eval mode, as in the reference (scoring runs in eval mode).
+eval mode, as in the reference (scoring runs in eval mode); `record_eval_scores` reads the eval-mode scores off a
+training forward (the head without its dropout on the same hidden states), so D's update forward also scores.
 
 Checkpoint names. In Megatron (and so in dist checkpoints) the head is `language_model.output_layer.weight`, shape
 `[1, H]`. In HF form it is `v_head.1.weight` next to the backbone's tensors, the reference's name (its `v_head` is
@@ -21,7 +22,8 @@ its `score_indices` (`training.forward`), which padding the batch to a token mul
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
@@ -44,6 +46,8 @@ class ValueHead(MegatronModule):
     `(scores [s, b, 1], None)`. The head is replicated on every tensor-parallel rank (it is one row).
     """
 
+    recorder: list[torch.Tensor] | None = None  # set by `record_eval_scores`
+
     def __init__(self, config: TransformerConfig, dropout: float = VALUE_HEAD_DROPOUT) -> None:
         super().__init__(config=config)
         self.dropout = torch.nn.Dropout(dropout)
@@ -63,6 +67,11 @@ class ValueHead(MegatronModule):
             # Scores are replicated over TP ranks, so the backward only splits the gradient (no reduction).
             hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
         scores = torch.nn.functional.linear(self.dropout(hidden_states), self.weight)
+        if self.recorder is not None:
+            # The same hidden states without the head's dropout (the backbone has none): the eval-mode scores.
+            with torch.no_grad():
+                clean = scores if not self.training else torch.nn.functional.linear(hidden_states, self.weight)
+            self.recorder.append(clean.detach().transpose(0, 1))
         return scores, None
 
 
@@ -75,6 +84,22 @@ def attach_value_head(chunks: list[torch.nn.Module], generator: torch.Generator)
             head.reset_parameters(generator)
             language_model.output_layer = head
     return chunks
+
+
+@contextlib.contextmanager
+def record_eval_scores(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect, for each forward inside the block, the value head's scores without dropout, `[b, s, 1]` detached:
+    what an eval-mode forward would return, read off a training forward's own hidden states (one pass of D gives
+    both the update's scores and the advantage's, PRISM_SPEC §3.2). Empty on stages without the head."""
+    heads = [module for module in model.modules() if isinstance(module, ValueHead)]
+    recorded: list[torch.Tensor] = []
+    for head in heads:
+        head.recorder = recorded
+    try:
+        yield recorded
+    finally:
+        for head in heads:
+            head.recorder = None
 
 
 class _ValueHeadMapping(ReplicatedMapping):

@@ -4,8 +4,9 @@ Training and scoring run on packed batches (`data.batching.PackedBatch`): the to
 back, `input_ids [1, T]`, with their boundaries in `cu_seqlens [n+1]` (Megatron's `PackedSeqParams`,
 `qkv_format="thd"`). Attention is causal within each sequence and never crosses a boundary; the model computes each
 sequence's own 3-D MRoPE positions from its image tokens and `image_grid_thw` (so the discriminator sees real MRoPE
-positions, PRISM Decisions 2). The images of all sequences are concatenated in sequence order, as the vision tower
-consumes them.
+positions, PRISM Decisions 2), or takes the positions the batch carries. The images of all sequences are
+concatenated in sequence order, as the vision tower consumes them; a batch packed with `share_images=True` holds each
+distinct image once, and `image_index` says which one each sequence's image tokens show.
 
     batch = pack_token_ids([ids_a, ids_b], [images_a, None])      # data.batching: or pack_sequences, pack_padded
     output = model(**forward_kwargs(batch))                        # logits [1, T, V/tp] or scores [1, T, 1]
@@ -48,13 +49,15 @@ def forward_kwargs(batch: PackedBatch) -> dict[str, Any]:
     """Keyword arguments of a Qwen3-VL (Megatron) forward on `batch`."""
     return {
         "input_ids": batch.input_ids,
-        # The model derives each sequence's 3-D MRoPE positions from its ids and image grids, as transformers'
-        # `get_rope_index` does and as `data.samples` computed `batch.position_ids` (when the batch has them).
-        "position_ids": None,
+        # Built sequences carry their 3-D MRoPE positions (`data.samples`, the same as transformers'
+        # `get_rope_index`): passed in, the model skips its own derivation and that derivation's host syncs.
+        # Without them (`pack_token_ids`), the model derives them from the ids and image grids.
+        "position_ids": batch.position_ids,
         "attention_mask": None,
         "packed_seq_params": packed_seq_params(batch),
         "pixel_values": batch.pixel_values,
         "image_grid_thw": batch.image_grid_thw,
+        "image_index": batch.image_index,
     }
 
 

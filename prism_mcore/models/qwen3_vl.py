@@ -5,7 +5,10 @@ HF <-> Megatron name mapping. Two things are changed, both without touching inst
 
 1. Layer specs. The bridge's providers and `Qwen3VLModel.__init__` hard-code Transformer Engine specs. The providers
    below build the same model from `models/specs.py` instead, so the backend (`te` or `sdpa`) is a choice.
-2. Exact GELU in the vision patch merger and the deepstack mergers. Transformers' Qwen3-VL (and so SGLang/vLLM, the
+2. Shared images. A packed batch may hold each distinct image once (`PackedBatch.image_index`, the segments and
+   samples of one prompt): the tower encodes it once, and `index_select` gives each sequence's image tokens their
+   copy of the embeddings (and deepstack features), so autograd sums the copies' gradients into the one encoding.
+3. Exact GELU in the vision patch merger and the deepstack mergers. Transformers' Qwen3-VL (and so SGLang/vLLM, the
    rollout engines) use `nn.GELU()` there; the bridge reuses the vision blocks' tanh approximation, which shifts the
    logits by ~5e-5 in fp32 (a train/rollout mismatch). With exact GELU, Megatron logits match transformers to fp32
    rounding (tests/unit/models/test_parity.py).
@@ -17,6 +20,7 @@ Qwen3-VL-2B/4B/8B (and the MoE variants) load without code changes.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 
 import torch
@@ -44,6 +48,24 @@ _GPU_FUSIONS = (
     "gradient_accumulation_fusion",
     "moe_permute_fusion",
 )
+
+
+class SharedImageVisionModel(Qwen3VLVisionModel):
+    """The bridge's vision tower, which encodes each distinct image once and hands out one copy of its merged
+    embeddings (and deepstack features) per image of the batch's sequences when `image_index` is set."""
+
+    image_index: torch.Tensor | None = None  # set by `PrismQwen3VLModel.forward` around the call
+
+    def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs) -> tuple:
+        embeds, deepstack = super().forward(hidden_states=hidden_states, grid_thw=grid_thw, **kwargs)
+        if self.image_index is None:
+            return embeds, deepstack
+        tokens = (grid_thw.prod(dim=-1) // self.spatial_merge_unit).tolist()
+        starts = [0, *itertools.accumulate(tokens)]
+        rows = torch.cat([torch.arange(starts[i], starts[i] + tokens[i]) for i in self.image_index.tolist()]).to(
+            embeds.device
+        )
+        return embeds.index_select(0, rows), [features.index_select(0, rows) for features in deepstack]
 
 
 class PrismQwen3VLModel(Qwen3VLModel):
@@ -82,7 +104,7 @@ class PrismQwen3VLModel(Qwen3VLModel):
         vision_config.first_pipeline_num_layers = None
         layer_spec = vision_layer_spec(backend)
         layer_spec.submodules.self_attention.module = Qwen3VLSelfAttention  # 2-D rotary positions of the patches
-        self.vision_model = Qwen3VLVisionModel(
+        self.vision_model = SharedImageVisionModel(
             vision_config,
             layer_spec,
             patch_merger_spec(backend),
@@ -92,6 +114,34 @@ class PrismQwen3VLModel(Qwen3VLModel):
         )
         for merger in (self.vision_model.merger, *self.vision_model.decoder.deepstack_merger_list):
             merger.activation_func = F.gelu  # exact, as transformers' Qwen3VLVisionPatchMerger (nn.GELU())
+
+    def forward(self, *args, image_index: torch.Tensor | None = None, **kwargs):
+        """The bridge's forward; `image_index` (see `data.batching.PackedBatch`) maps each image of the sequences to
+        a row of `image_grid_thw`, which then lists each distinct image once."""
+        if image_index is None or not self.pre_process:
+            return super().forward(*args, **kwargs)
+        if kwargs.get("position_ids") is None or self.pg_collection.cp.size() > 1:
+            # Positions derived from grids, or images split over context-parallel ranks: one copy per image.
+            return super().forward(*args, **_images_expanded(kwargs, image_index))
+        self.vision_model.image_index = image_index
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.vision_model.image_index = None
+
+
+def _images_expanded(kwargs: dict, image_index: torch.Tensor) -> dict:
+    """Forward arguments with one copy of the pixels and grid row per image of the sequences."""
+    grid = kwargs["image_grid_thw"]
+    patches = grid.prod(dim=-1).tolist()
+    starts = [0, *itertools.accumulate(patches)]
+    rows = torch.cat([torch.arange(starts[i], starts[i] + patches[i]) for i in image_index.tolist()])
+    pixel_values = kwargs["pixel_values"]
+    return {
+        **kwargs,
+        "pixel_values": pixel_values.index_select(0, rows.to(pixel_values.device)),
+        "image_grid_thw": grid.index_select(0, image_index.to(grid.device)),
+    }
 
 
 @dataclass

@@ -42,6 +42,7 @@ from prism_mcore.rollout.weight_sync import WeightSync, WeightSyncError
 from prism_mcore.training.metrics import get_logger
 
 logger = get_logger(__name__)
+DEFAULT_POOL_SIZE = 256  # pooled HTTP connections per server when concurrency is unbounded (more are not kept)
 
 # How long a health check waits: SGLang's own `/health_generate` gives its one-token generation 20 s.
 HEALTH_TIMEOUT_S = 20.0
@@ -59,7 +60,7 @@ class SGLangEngine(RolloutEngine):
         weight_sync: WeightSync,
         request_timeout_s: float = 600.0,
         retry: RetryPolicy | None = None,
-        max_concurrency: int = 64,
+        max_concurrency: int = 0,
         vision_token_ids: Sequence[int] = (),
         weight_version: int = 0,
     ) -> None:
@@ -68,14 +69,17 @@ class SGLangEngine(RolloutEngine):
         if len(set(server_urls)) != len(server_urls):
             raise ValueError(f"rollout.server_urls lists a server twice: {list(server_urls)}")
         self.endpoints = [
-            SGLangEndpoint(url, timeout_s=request_timeout_s, pool_size=max_concurrency) for url in server_urls
+            SGLangEndpoint(url, timeout_s=request_timeout_s, pool_size=max_concurrency or DEFAULT_POOL_SIZE)
+            for url in server_urls
         ]
         self.weight_sync = weight_sync
         self.retry = retry or RetryPolicy()
         # Placeholders only the processor may place: a response must not contain one (see `rollout.base`).
         self.vision_token_ids = frozenset(int(token) for token in vision_token_ids)
         self._weight_version = weight_version
-        self._executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="sglang-request")
+        self.max_concurrency = max_concurrency  # 0: every request of a generate call in flight at once
+        self._executor = ThreadPoolExecutor(max_workers=max_concurrency or 1, thread_name_prefix="sglang-request")
+        self._executor_size = max_concurrency or 1
         self._lock = threading.Condition()
         self._round_robin = 0
 
@@ -132,6 +136,7 @@ class SGLangEngine(RolloutEngine):
                     f"sample {prompt.uid!r} has image tokens in its prompt but no encoded images (Sample.images), "
                     "which SGLang servers need"
                 )
+        self._executor_for(len(prompts) * params.n)
         futures: list[Future[Completion]] = []
         for prompt_index, prompt in enumerate(prompts):
             payload = generate_payload(prompt, sglang_sampling_params(params))  # images encoded once per prompt
@@ -153,6 +158,15 @@ class SGLangEngine(RolloutEngine):
             )
             for row, completion in zip(rows, completions, strict=True)
         ]
+
+    def _executor_for(self, requests: int) -> None:
+        """Grow the request threads to `requests` (all prompts x n of a step in flight, so every server stays busy)
+        unless `max_concurrency` caps them; between calls the pool is idle, so the old one is simply replaced."""
+        size = requests if not self.max_concurrency else min(requests, self.max_concurrency)
+        if size > self._executor_size:
+            self._executor.shutdown(wait=False)
+            self._executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="sglang-request")
+            self._executor_size = size
 
     def _complete(self, payload: dict[str, Any], uid: str) -> Completion:
         """One completion of one prompt, from the attempts the retry policy allows."""

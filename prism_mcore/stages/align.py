@@ -11,6 +11,12 @@ Every step, in the reference's order (§3.2):
 5. one policy step: PPO clip 0.2, dual clip 3, token-mean, no KL;
 6. weight sync to the rollout engine.
 No teacher logits are needed: the teacher enters only through its demonstrations, which D compares against.
+
+Steps 2 and 4 are one pass of D: the update's forward scores every student segment before the optimizer step, and
+the value head read without its dropout on those hidden states gives the eval-mode scores of step 2 (the backbone
+has no dropout; equal up to the float rounding of a different packing); only the advantage waits for them. D's
+micro-batches keep a prompt's samples together, and every micro-batch carries each distinct image once
+(`pack_sequences(share_images=True)`): the vision tower encodes it once per micro-batch.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from prism_mcore.data.batching import pack_sequences
 from prism_mcore.models import build_discriminator, build_policy, save_hf
 from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
-from prism_mcore.runtime import gather_data_parallel
+from prism_mcore.runtime import broadcast_from_last_stage, gather_data_parallel
 from prism_mcore.stages.common import (
     DISCRIMINATOR_HF,
     POLICY_HF,
@@ -51,7 +57,6 @@ from prism_mcore.stages.common import (
     rollout,
     rollout_metrics,
     run_steps,
-    score_segments,
     start_stage,
     sync_weights,
     token_budget,
@@ -59,6 +64,7 @@ from prism_mcore.stages.common import (
     validation_params,
 )
 from prism_mcore.training.forward import DiscriminatorBatch, discriminator_forward, policy_forward
+from prism_mcore.training.step import Filler, StepResult
 
 STAGE = "align"
 
@@ -66,11 +72,12 @@ STAGE = "align"
 def discriminator_microbatches(ctx: RunContext, samples: list[Sample], budget: int) -> list[DiscriminatorBatch]:
     """This rank's share of the samples as D micro-batches of at most `budget` tokens.
 
-    The share is a contiguous slice in group order, so the samples of a prompt mostly share a micro-batch and its
-    teacher segments are packed (and scored) once per micro-batch rather than once per sample. A sample whose four
-    segments alone exceed the budget gets a micro-batch of its own (a sample cannot be split: its loss pairs its
-    scores with its teacher's). `num_valid_global` is N_v of PRISM_SPEC §3.1: the valid samples of the micro-batch
-    summed over the data-parallel ranks' micro-batches of the same index.
+    The share is a contiguous slice in group order, so the samples of a prompt mostly share a micro-batch, and its
+    teacher segments and its image are packed (scored, encoded) once per micro-batch rather than once per sample.
+    `sample_index` maps each student to its place in `samples`, for the scores the update forward hands back. A
+    sample whose four segments alone exceed the budget gets a micro-batch of its own (a sample cannot be split: its
+    loss pairs its scores with its teacher's). `num_valid_global` is N_v of PRISM_SPEC §3.1: the valid samples of the
+    micro-batch summed over the data-parallel ranks' micro-batches of the same index.
     """
     teachers: dict[str, tuple] = {}
 
@@ -78,6 +85,8 @@ def discriminator_microbatches(ctx: RunContext, samples: list[Sample], budget: i
         if sample.uid not in teachers:
             teachers[sample.uid] = ctx.builder.teacher_segments(sample)
         return teachers[sample.uid]
+
+    position = {id(sample): i for i, sample in enumerate(samples)}
 
     def batch(chosen: list[tuple[Sample, tuple]]) -> DiscriminatorBatch:
         """A micro-batch of (sample, its student segments) pairs and their prompts' teacher segments."""
@@ -90,11 +99,12 @@ def discriminator_microbatches(ctx: RunContext, samples: list[Sample], budget: i
         sequences = [c for c, _ in students] + [t for _, t in students]
         sequences += [c for c, _ in teacher_pairs] + [t for _, t in teacher_pairs]
         return DiscriminatorBatch(
-            packed=pack_sequences(sequences),
+            packed=pack_sequences(sequences, share_images=True),
             valid=torch.tensor([sample.format_valid for sample, _ in chosen]),
             teacher_index=torch.tensor([index[sample.uid] for sample, _ in chosen]),
             num_prompts=len(prompts),
             num_valid_global=0,
+            sample_index=torch.tensor([position[id(sample)] for sample, _ in chosen]),
         )
 
     groups: list[list[tuple[Sample, tuple]]] = []
@@ -119,12 +129,55 @@ def discriminator_microbatches(ctx: RunContext, samples: list[Sample], budget: i
     return or_filler(batches, lambda: batch([(samples[0], ctx.builder.student_segments(samples[0]))]))
 
 
-def score_rollouts(ctx: RunContext, discriminator, samples: list[Sample], score_clip: float, budget: int) -> None:
-    """Fill `caption_score`/`cot_score` with D's clipped scores; 0 for invalid formats (PRISM_SPEC §2.4, §1)."""
-    segments = [segment for sample in samples for segment in ctx.builder.student_segments(sample)]
-    scores = sanitize_scores(score_segments(ctx, discriminator, segments, budget), clip=score_clip).view(-1, 2)
-    for sample, (caption, cot) in zip(samples, scores.tolist(), strict=True):
-        sample.caption_score, sample.cot_score = (caption, cot) if sample.format_valid else (0.0, 0.0)
+class RolloutScores:
+    """The students' eval-mode caption and CoT scores, collected from D's update forward (`discriminator_forward`'s
+    `on_scores`) on each rank's share, then shared with every rank."""
+
+    def __init__(self) -> None:
+        self.mine: dict[int, tuple[float, float]] = {}
+
+    def __call__(self, sample_index: torch.Tensor, caption: torch.Tensor, cot: torch.Tensor) -> None:
+        for index, caption_score, cot_score in zip(sample_index.tolist(), caption.tolist(), cot.tolist(), strict=True):
+            if index >= 0:
+                self.mine[index] = (caption_score, cot_score)
+
+    def assign(self, ctx: RunContext, samples: list[Sample], score_clip: float) -> None:
+        """Fill `caption_score`/`cot_score` with D's clipped scores; 0 for invalid formats (PRISM_SPEC §2.4, §1)."""
+        scores = torch.zeros(len(samples), 2)
+        mine = broadcast_from_last_stage(self.mine)
+        for share in gather_data_parallel(mine) if ctx.env.dp > 1 else [mine]:
+            for index, pair in share.items():
+                scores[index] = torch.tensor(pair)
+        scores = sanitize_scores(scores, clip=score_clip)
+        for sample, (caption, cot) in zip(samples, scores.tolist(), strict=True):
+            sample.caption_score, sample.cot_score = (caption, cot) if sample.format_valid else (0.0, 0.0)
+
+
+def work_counters(
+    ctx: RunContext, d_batches: list, d_result: StepResult, p_batches: list, p_result: StepResult
+) -> dict[str, float]:
+    """What the step computed, summed over the data-parallel ranks (`work/*`): images through the vision tower
+    (policy and D), D's packed sequences and tokens, teacher segments packed, filler micro-batches, and the share of
+    the policy's tokens that carry a loss (the only positions projected onto the vocabulary)."""
+    d_real = [batch for batch in d_batches if not isinstance(batch, Filler)]
+    p_real = [batch for batch in p_batches if not isinstance(batch, Filler)]
+    mine = torch.tensor(
+        [
+            sum(batch.packed.num_images for batch in d_real + p_real),
+            sum(batch.packed.num_sequences for batch in d_real),
+            sum(batch.packed.num_tokens for batch in d_real),
+            sum(2 * batch.num_prompts for batch in d_real),
+            d_result.filler_microbatches + p_result.filler_microbatches,
+            sum(int(batch.loss_mask.sum()) for batch in p_real),
+            sum(batch.packed.num_tokens for batch in p_real),
+        ],
+        dtype=torch.float64,
+    )
+    total = sum(gather_data_parallel(mine)) if ctx.env.dp > 1 else mine
+    names = ("vision_images", "d_sequences", "d_tokens", "teacher_segments", "filler_microbatches")
+    counters = {f"work/{name}": float(value) for name, value in zip(names, total.tolist(), strict=False)}
+    counters["work/policy_loss_token_fraction"] = float(total[5] / total[6]) if total[6] else 0.0
+    return counters
 
 
 def run(config: Config) -> None:
@@ -159,9 +212,7 @@ def run(config: Config) -> None:
         cot_weight=cfg.cot_weight,
         format_penalty=cfg.format_penalty,
     )
-    d_loss_step = discriminator_forward(
-        DiscriminatorLossConfig(score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef)
-    )
+    d_loss_config = DiscriminatorLossConfig(score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef)
     policy_step = policy_forward(
         policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature
     )
@@ -172,7 +223,10 @@ def run(config: Config) -> None:
             SamplingParams.from_config(config.rollout, seed=config.run.seed + step), max_new_tokens=cfg.max_new_tokens
         )
         samples = rollout(ctx, engine, batch_for_step(prompts, step, cfg.prompts_per_step, config.run.seed), params)
-        score_rollouts(ctx, discriminator, samples, cfg.score_clip, budget)
+        d_batches = discriminator_microbatches(ctx, samples, budget)
+        scores = RolloutScores()
+        d_result = discriminator.step(discriminator_forward(d_loss_config, on_scores=scores), d_batches)
+        scores.assign(ctx, samples, cfg.score_clip)
         device = ctx.env.device  # the Triton kernel on a GPU, its torch reference on CPU
         advantages = fused_alignment_advantage(
             torch.tensor([s.caption_score for s in samples], device=device),
@@ -185,8 +239,8 @@ def run(config: Config) -> None:
         ).cpu()
         for sample, advantage in zip(samples, advantages.tolist(), strict=True):
             sample.advantage = advantage
-        d_result = discriminator.step(d_loss_step, discriminator_microbatches(ctx, samples, budget))
-        p_result = policy.step(policy_step, policy_microbatches(ctx, samples, budget))
+        p_batches = policy_microbatches(ctx, samples, budget)
+        p_result = policy.step(policy_step, p_batches)
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         caption = torch.tensor([s.caption_score for s in samples if s.format_valid] or [0.0])
         cot = torch.tensor([s.cot_score for s in samples if s.format_valid] or [0.0])
@@ -207,6 +261,7 @@ def run(config: Config) -> None:
             "actor/grad_norm": p_result.grad_norm,
             "actor/lr": p_result.lr,
             "actor/skipped": float(p_result.skipped),
+            **work_counters(ctx, d_batches, d_result, p_batches, p_result),
         }
 
     run_steps(

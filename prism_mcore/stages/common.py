@@ -38,14 +38,14 @@ from prism_mcore.record import Sample
 from prism_mcore.rewards import ResponseSegmenter, reward_batch
 from prism_mcore.rewards.verifiable import DEFAULT_DATA_SOURCE, get_judge
 from prism_mcore.rollout import RolloutEngine, SamplingParams, build_rollout_engine, weights_for_sync
-from prism_mcore.runtime import DistEnv, broadcast_from_last_stage, gather_data_parallel, init_distributed
+from prism_mcore.runtime import DistEnv, init_distributed
 from prism_mcore.stages.errors import StageFailed
-from prism_mcore.training.forward import score_forward, token_batch
+from prism_mcore.training.forward import token_batch
 from prism_mcore.training.metrics import MetricsLogger, get_logger, progress
 from prism_mcore.training.offload import IdleStateOffload
 from prism_mcore.training.resume import CheckpointManager, mark_stage_done, read_stage_done
 from prism_mcore.training.run_lock import lock_run_dir
-from prism_mcore.training.step import Filler, build_optimizer, forward_only, train_step, wrap_ddp
+from prism_mcore.training.step import Filler, build_optimizer, train_step, wrap_ddp
 
 log = get_logger()
 
@@ -313,6 +313,9 @@ def validation_params(stage: Any, seed: int) -> SamplingParams:
     )
 
 
+EVAL_WAVE = 1024  # evaluation prompts per generate call
+
+
 def evaluate(
     ctx: RunContext,
     engine: RolloutEngine | None,
@@ -328,10 +331,11 @@ def evaluate(
         if params is None:
             params = SamplingParams(n=1, temperature=0.0, max_new_tokens=ctx.config.rollout.max_new_tokens)
         samples = []
-        batch = max(ctx.config.rollout.local_max_batch_size, 1)
         with awake(ctx, engine):
-            for first in progress(range(0, len(prompts), batch), desc=f"eval {split}", total=-(-len(prompts) // batch)):
-                samples += engine.generate(prompts[first : first + batch], params)
+            # Few large calls: an SGLang engine keeps every prompt of a call in flight and the local engine batches
+            # by its own size, while only one wave of prompts is built at a time (the split may be large).
+            for first in range(0, len(prompts), EVAL_WAVE):
+                samples += engine.generate(prompts[first : first + EVAL_WAVE], params)
         ctx.segmenter.segment_samples(samples)
         reward_batch(samples)
         result = {
@@ -394,38 +398,14 @@ def dp_share(ctx: RunContext, items: list) -> list:
 
 
 def or_filler(batches: list, build: Callable[[], Any]) -> list:
-    """`batches`, or a single `Filler` of `build()` when this rank's share is empty: every rank joins each step."""
-    return batches if batches else [Filler(build())]
+    """`batches`, or a single (tiny) `Filler` shaped like `build()` when this rank's share is empty: every rank joins
+    each step."""
+    return batches if batches else [Filler.of(build())]
 
 
 def token_budget(ctx: RunContext, stage_budget: int = 0) -> int:
     """Tokens per micro-batch: the stage's own budget when set, else `data.max_tokens_per_microbatch`."""
     return stage_budget or ctx.config.data.max_tokens_per_microbatch
-
-
-def score_segments(ctx: RunContext, discriminator: Trainable, segments: list, budget: int = 0) -> torch.Tensor:
-    """D's scores (eval mode, no gradients) of `TokenSequence` segments, in order, on every rank.
-
-    Each data-parallel rank scores its share in token-budget micro-batches; shares are gathered afterwards.
-    """
-
-    indices = dp_share(ctx, list(range(len(segments))))
-    groups = token_budget_batches([len(segments[i]) for i in indices], token_budget(ctx, budget))
-    groups = [[indices[i] for i in group] for group in groups]
-    batches = [pack_sequences([segments[i] for i in g]) for g in groups]
-    discriminator.handle.eval()
-    outputs = forward_only(
-        discriminator.models, score_forward, or_filler(batches, lambda: pack_sequences(segments[:1]))
-    )
-    discriminator.handle.train()
-    mine = broadcast_from_last_stage(
-        [(g, out["scores"]) for g, out in zip(groups, outputs, strict=True)] if outputs else None
-    )
-    scores = torch.zeros(len(segments))
-    for share in gather_data_parallel(mine) if ctx.env.dp > 1 else [mine]:
-        for group, values in share:
-            scores[group] = values.float()
-    return scores
 
 
 @dataclass
@@ -604,7 +584,7 @@ def policy_microbatches(ctx: RunContext, samples: list[Sample], budget: int = 0)
 
     def batch(chosen: list[Sample]) -> Any:
         return token_batch(
-            pack_sequences([ctx.builder.policy_sequence(sample) for sample in chosen]),
+            pack_sequences([ctx.builder.policy_sequence(sample) for sample in chosen], share_images=True),
             advantages=[sample.advantage for sample in chosen],
             rollout_logprobs=[sample.rollout_logprobs for sample in chosen],
         )

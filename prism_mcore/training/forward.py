@@ -42,6 +42,7 @@ from prism_mcore.data.batching import PackedBatch
 from prism_mcore.models import (
     forward_kwargs,
     padding_token_id,
+    record_eval_scores,
     record_router_logits,
     router_load_balancing_loss,
     token_multiple,
@@ -76,10 +77,27 @@ class TokenBatch:
     loss_mask: torch.Tensor  # bool: positions whose next token is trained (assistant / response tokens)
     advantages: torch.Tensor | None = None  # RL: the sequence's advantage on each of its response positions
     rollout_logprobs: torch.Tensor | None = None  # RL: the rollout engine's log-prob of each response token
+    # [P] int64: the positions of `loss_mask` (at least one): the only ones whose log-probs are computed
+    loss_positions: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
         return self.packed.num_sequences
+
+    def filler(self) -> TokenBatch:
+        """One sequence of two tokens with one loss position, for a data-parallel rank to run at a zero loss
+        (`Filler`)."""
+        packed = self.packed.filler(sequences=1, length=2)
+        targets, _ = packed.next_token_targets()
+        zeros = torch.zeros(1, 2)
+        return TokenBatch(
+            packed,
+            targets,
+            loss_mask=torch.tensor([[True, False]]),
+            advantages=None if self.advantages is None else zeros,
+            rollout_logprobs=None if self.rollout_logprobs is None else zeros.clone(),
+            loss_positions=torch.tensor([0]),
+        )
 
 
 def token_batch(
@@ -109,7 +127,8 @@ def token_batch(
                         f"sequence {i}: {len(rollout_logprobs[i])} rollout log-probs for {len(positions)} tokens"
                     )
                 rollout[0, positions] = torch.tensor(rollout_logprobs[i], dtype=torch.float32)
-    return TokenBatch(packed, targets, loss_mask, adv, rollout)
+    positions = loss_mask[0].nonzero().flatten()
+    return TokenBatch(packed, targets, loss_mask, adv, rollout, positions if len(positions) else torch.tensor([0]))
 
 
 def sequence_rows(
@@ -167,10 +186,11 @@ def _prepare(batch: Any, model: torch.nn.Module) -> Any:
 
 
 def _policy_forward_output(model: torch.nn.Module, batch: TokenBatch, temperature: float) -> Any:
+    """`(logprobs, entropy)` `[1, T]`, computed only at the loss positions (zero elsewhere)."""
     return model(
         **forward_kwargs(batch.packed),
         output_processor=logprobs_output_processor,
-        output_processor_context=LogProbRequest(batch.targets, temperature=temperature),
+        output_processor_context=LogProbRequest(batch.targets, temperature=temperature, positions=batch.loss_positions),
     )
 
 
@@ -260,7 +280,7 @@ def policy_loss_fraction(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Discriminator micro-batches: scoring, alignment update, warmup
+# Discriminator micro-batches: alignment update (which also scores), warmup
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -272,18 +292,6 @@ def _token_scores(model: torch.nn.Module, packed: PackedBatch) -> torch.Tensor:
 def _read_scores(token_scores: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
     """The score of each sequence, read at its scored token: `[num_sequences]`."""
     return token_scores[0, packed.score_indices, 0].float()
-
-
-def score_forward(data_iterator: Iterator[PackedBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-    """Forward-only scoring of segments (eval mode): returns the scores as the `scores` entry of the metrics."""
-    packed = _prepare(next(data_iterator), model)
-    output = _token_scores(model, packed)
-
-    def loss_func(token_scores: torch.Tensor) -> LossTriple:
-        scores = _read_scores(token_scores, packed)
-        return scores.sum() * 0, _count(1, scores), {"scores": scores.detach().cpu()}
-
-    return output, loss_func
 
 
 @dataclass
@@ -300,20 +308,45 @@ class DiscriminatorBatch:
     teacher_index: torch.Tensor  # [m] long
     num_prompts: int  # k
     num_valid_global: int  # N_v over the whole step and every rank: decides between pairwise loss and fallback
+    sample_index: torch.Tensor | None = None  # [m] long: each student's index in the step's samples; -1: none
+
+    def filler(self) -> DiscriminatorBatch:
+        """One sample of one-token segments, for a data-parallel rank to run at a zero loss (`Filler`)."""
+        return DiscriminatorBatch(
+            packed=self.packed.filler(sequences=4),  # a student's caption and CoT, its teacher's
+            valid=self.valid[:1].clone(),
+            teacher_index=torch.zeros(1, dtype=torch.long),
+            num_prompts=1,
+            num_valid_global=self.num_valid_global,
+            sample_index=torch.full((1,), -1, dtype=torch.long),
+        )
+
+
+ScoreSink = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def discriminator_forward(
-    config: DiscriminatorLossConfig,
+    config: DiscriminatorLossConfig, on_scores: ScoreSink | None = None
 ) -> Callable[[Iterator[DiscriminatorBatch], torch.nn.Module], tuple[Any, Callable]]:
-    """D's alignment loss: pairwise Bradley-Terry on caption and CoT, fallback, L2 regulariser; no aux loss (§8.8)."""
+    """D's alignment loss: pairwise Bradley-Terry on caption and CoT, fallback, L2 regulariser; no aux loss (§8.8).
+
+    `on_scores(sample_index, caption, cot)` receives, per micro-batch, the students' raw eval-mode scores (the value
+    head without dropout on this forward's hidden states, before the optimizer step): the scores the advantage
+    needs, without a separate scoring pass (PRISM_SPEC §3.2 steps 2 and 5 share D's weights). Only on the last
+    pipeline stage; entries of `sample_index` below 0 are not samples (fillers).
+    """
 
     def forward_step(data_iterator: Iterator[DiscriminatorBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
         batch = _prepare(next(data_iterator), model)
-        output = _token_scores(model, batch.packed)
+        with record_eval_scores(model) as eval_scores:
+            output = _token_scores(model, batch.packed)
 
         def loss_func(token_scores: torch.Tensor) -> LossTriple:
             scores = _read_scores(token_scores, batch.packed)
             m, k = batch.valid.numel(), batch.num_prompts
+            if on_scores is not None and eval_scores:
+                clean = _read_scores(eval_scores[0], batch.packed)
+                on_scores(batch.sample_index, clean[:m], clean[m : 2 * m])
             student_caption, student_cot = scores[:m], scores[m : 2 * m]
             teacher_caption = scores[2 * m : 2 * m + k][batch.teacher_index]
             teacher_cot = scores[2 * m + k : 2 * m + 2 * k][batch.teacher_index]

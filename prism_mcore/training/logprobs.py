@@ -17,7 +17,9 @@ model returns `(logprobs, entropy)` instead of logits:
         output_processor_context=LogProbRequest(targets, temperature=1.0),
     )                                                          # both [1, T], fp32; mask with `valid`
 
-Position t scores `targets[:, t]`, i.e. the distribution the model predicts after reading token t.
+Position t scores `targets[:, t]`, i.e. the distribution the model predicts after reading token t. With
+`LogProbRequest.positions`, only those positions of a packed batch are projected onto the vocabulary (the training
+losses need no others) and the rest of the returned `[1, T]` tensors is zero.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class LogProbRequest:
 
     targets: torch.Tensor
     temperature: float = 1.0
+    # [P] int64 token indices of a packed ([1, T]) batch: compute only there (zeros elsewhere); None: everywhere
+    positions: torch.Tensor | None = None
 
 
 def token_logprobs(
@@ -100,10 +104,20 @@ def logprobs_output_processor(
         # so the gather's backward must only split (not reduce-scatter).
         hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
     weight = output_weight if output_weight is not None else output_layer.weight
-    logprobs, entropy = token_logprobs(
-        context.targets.transpose(0, 1),  # hidden states are [s, b, H]
-        hidden=hidden_states,
+    targets = context.targets.transpose(0, 1)  # hidden states are [s, b, H]
+    if context.positions is None:
+        logprobs, entropy = token_logprobs(
+            targets, hidden=hidden_states, output_weight=weight, temperature=context.temperature
+        )
+        return logprobs.transpose(0, 1), entropy.transpose(0, 1)
+    # Only the positions that carry a loss go through the vocabulary projection (a packed batch: b = 1).
+    selected_logprobs, selected_entropy = token_logprobs(
+        targets[context.positions, 0],
+        hidden=hidden_states[context.positions, 0],
         output_weight=weight,
         temperature=context.temperature,
     )
-    return logprobs.transpose(0, 1), entropy.transpose(0, 1)
+    rows = (torch.zeros_like(context.positions), context.positions)  # [1, T] outputs, zero off the positions
+    logprobs = selected_logprobs.new_zeros(context.targets.shape).index_put(rows, selected_logprobs)
+    entropy = selected_entropy.new_zeros(context.targets.shape).index_put(rows, selected_entropy)
+    return logprobs, entropy

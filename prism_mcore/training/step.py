@@ -36,6 +36,7 @@ class StepResult:
     grad_norm: float
     lr: float
     skipped: bool
+    filler_microbatches: int = 0  # on this rank
 
 
 def wrap_ddp(models: list[torch.nn.Module], use_distributed_optimizer: bool) -> list[DistributedDataParallel]:
@@ -140,11 +141,19 @@ class Filler:
 
     Every data-parallel rank must make the same number of forward passes in a step: the MoE layers' token dispatch
     pairs the expert-parallel ranks up pass by pass, and a rank with no data must still join the gradient
-    reduction. `_run_schedule` tops up a rank that has fewer micro-batches than another with fillers (copies of
-    its first micro-batch); a rank whose share of the batch is empty passes one filler built from any sample.
+    reduction. `_run_schedule` tops up a rank that has fewer micro-batches than another with fillers; a rank whose
+    share of the batch is empty passes one filler built from any sample. A filler costs almost nothing: `of` shrinks
+    a micro-batch to its batch type's `filler()` (a few text tokens that make the same loss function run).
     """
 
     batch: Any
+
+    @staticmethod
+    def of(batch: Any) -> Filler:
+        """A filler shaped like `batch` (a micro-batch, or a filler)."""
+        if isinstance(batch, Filler):
+            return batch
+        return Filler(batch.filler() if hasattr(batch, "filler") else batch)
 
 
 def _real_count(microbatches: list[Any]) -> int:
@@ -159,9 +168,7 @@ def _equalized(microbatches: list[Any]) -> list[Any]:
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
     if dist.get_world_size(group) > 1:
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
-    first = microbatches[0]
-    spare = first if isinstance(first, Filler) else Filler(first)
-    return microbatches + [spare] * (int(count) - len(microbatches))
+    return microbatches + [Filler.of(microbatches[0])] * (int(count) - len(microbatches))
 
 
 def _with_fillers(forward_step: ForwardStep) -> ForwardStep:
@@ -186,14 +193,14 @@ def _with_fillers(forward_step: ForwardStep) -> ForwardStep:
 
 def _run_schedule(
     models: list[torch.nn.Module], forward_step: ForwardStep, microbatches: list[Any], forward_only: bool
-) -> list[Any]:
+) -> tuple[list[Any], int]:
     """All micro-batches through Megatron's schedule (pipelined when PP > 1), with fillers so that every
     data-parallel rank runs as many as the busiest; returns every micro-batch's output, fillers' last.
 
     Packed micro-batches vary in length, so pipeline stages exchange shapes (`variable_seq_lengths`) and
-    `seq_length`/`micro_batch_size` are unused."""
+    `seq_length`/`micro_batch_size` are unused. Also returns how many fillers this rank ran."""
     microbatches = _equalized(microbatches)
-    return get_forward_backward_func()(
+    outputs = get_forward_backward_func()(
         forward_step_func=_with_fillers(forward_step),
         data_iterator=iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models],
         model=models,
@@ -202,6 +209,7 @@ def _run_schedule(
         micro_batch_size=1,
         forward_only=forward_only,
     )
+    return outputs, len(microbatches) - _real_count(microbatches)
 
 
 def train_step(
@@ -215,7 +223,7 @@ def train_step(
     for model in models:
         model.zero_grad_buffer()
     optimizer.zero_grad()
-    per_microbatch = _run_schedule(models, forward_step, microbatches, forward_only=False)
+    per_microbatch, fillers = _run_schedule(models, forward_step, microbatches, forward_only=False)
     # Megatron's fp32/bf16 optimizers clip a NaN norm into NaN weights; check first and skip the update instead.
     found_inf = optimizer.prepare_grads()
     grad_norm = optimizer.get_grad_norm()
@@ -224,14 +232,14 @@ def train_step(
     if not skipped:
         optimizer.step()
         scheduler.step(increment=1)
-    return StepResult(metrics=_reduce_metrics(per_microbatch), grad_norm=float(grad_norm), lr=lr, skipped=skipped)
+    return StepResult(_reduce_metrics(per_microbatch), float(grad_norm), lr, skipped, filler_microbatches=fillers)
 
 
 def forward_only(models: list[torch.nn.Module], forward_step: ForwardStep, microbatches: list[Any]) -> list[Any]:
     """Run the schedule without gradients (scoring); returns the metrics dict of each micro-batch that is not a
     `Filler` (on the last pipeline stage; an empty list on the others)."""
     with torch.no_grad():
-        return _run_schedule(models, forward_step, microbatches, forward_only=True)[: _real_count(microbatches)]
+        return _run_schedule(models, forward_step, microbatches, forward_only=True)[0][: _real_count(microbatches)]
 
 
 def forward_metrics(
@@ -240,4 +248,4 @@ def forward_metrics(
     """The metrics of a forward pass without gradients (a validation loss, a held-out accuracy), reduced as in
     `train_step`."""
     with torch.no_grad():
-        return _reduce_metrics(_run_schedule(models, forward_step, microbatches, forward_only=True))
+        return _reduce_metrics(_run_schedule(models, forward_step, microbatches, forward_only=True)[0])

@@ -217,3 +217,15 @@ def test_packed_padded_and_separate_forwards_give_the_same_loss(
     assert padded_loss == pytest.approx(separate_loss, abs=1e-5)
     assert packed_output.loss.item() == pytest.approx(separate_loss, abs=1e-5)
     torch.testing.assert_close(packed_output.logits[0], torch.cat(separate_logits), atol=1e-5, rtol=1e-5)
+
+
+def test_a_filler_is_a_few_text_tokens_shaped_like_the_batch() -> None:
+    batch = pack_sequences([toy([1, 2, 3], None, images=1, score_index=2), toy([4, 5], None, images=2, score_index=1)])
+    filler = batch.filler()  # as many one-token sequences, scored, without images
+    assert filler.input_ids.tolist() == [[1, 1]] and filler.cu_seqlens.tolist() == [0, 1, 2]
+    assert filler.score_indices.tolist() == [0, 1] and filler.num_images == 0 and not filler.loss_mask.any()
+    assert filler.position_ids.tolist() == [[[0, 0]]] * 3
+    pairs = batch.filler(sequences=3, length=2)
+    assert pairs.input_ids.tolist() == [[1] * 6] and pairs.cu_seqlens.tolist() == [0, 2, 4, 6]
+    assert pairs.max_seqlen == 2 and pairs.score_indices.tolist() == [1, 3, 5]
+    assert pairs.position_ids[:, 0].tolist() == [[0, 1, 0, 1, 0, 1]] * 3

@@ -262,3 +262,26 @@ def test_image_prompts_need_their_encoded_images() -> None:
     with pytest.raises(RolloutError, match=r"sample 'c' has image tokens in its prompt but no encoded images"):
         engine.generate([Sample(uid="c", prompt_ids=[1, VISION_TOKEN, 2])], SamplingParams())
     engine.close()
+
+
+@pytest.mark.parametrize(("cap", "expected"), [(0, 12), (5, 5)], ids=["all_in_flight", "capped"])
+def test_every_request_of_a_step_is_in_flight_unless_capped(cap: int, expected: int) -> None:
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def counting(server: FakeServer, path: str, body: Any) -> Answer:
+        if path == "/generate":
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            threading.Event().wait(0.3)  # long enough for every submitted request to arrive meanwhile
+            with lock:
+                state["now"] -= 1
+        return sglang_like(server, path, body)
+
+    with fake_servers(counting, counting) as servers:
+        engine = SGLangEngine(
+            [s.url for s in servers], weight_sync=TensorWeightSync(), max_concurrency=cap, retry=FAST_RETRY
+        )
+        samples = engine.generate(PROMPTS, SamplingParams(n=6, max_new_tokens=8))
+        engine.close()
+    assert len(samples) == 12 and state["most"] == expected
