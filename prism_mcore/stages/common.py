@@ -37,7 +37,13 @@ from prism_mcore.models import iter_hf_weights
 from prism_mcore.record import Sample
 from prism_mcore.rewards import ResponseSegmenter, reward_batch
 from prism_mcore.rollout import RolloutEngine, SamplingParams, build_rollout_engine, weights_for_sync
-from prism_mcore.runtime import DistEnv, broadcast_from_last_stage, gather_data_parallel, init_distributed
+from prism_mcore.runtime import (
+    DistEnv,
+    broadcast_from_last_stage,
+    gather_data_parallel,
+    init_distributed,
+    seed_everything,
+)
 from prism_mcore.training.forward import score_forward, token_batch
 from prism_mcore.training.metrics import MetricsLogger, get_logger, progress
 from prism_mcore.training.resume import CheckpointManager, mark_stage_done, read_stage_done
@@ -154,11 +160,16 @@ def setup(config: Config) -> RunContext:
 
 
 def start_stage(config: Config, stage: str) -> RunContext | None:
-    """The run context for `stage`, or None when an earlier run of this pipeline already finished it."""
+    """The run context for `stage`, or None when an earlier run of this pipeline already finished it.
+
+    Every generator is seeded for the stage here, so nothing that ran before it in this process (a first-use build
+    of the embedded default, an earlier stage) changes what it draws.
+    """
     ctx = setup(config)
     if read_stage_done(ctx.run_dir, stage):
         log.info("%s: already done, skipped", stage)
         return None
+    seed_everything(config.run.seed, stage)
     return ctx
 
 
