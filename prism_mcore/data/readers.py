@@ -68,6 +68,12 @@ class RowOrigin:
     def __str__(self) -> str:
         return f"{self.file}:{self.row}"
 
+    @property
+    def uid(self) -> str:
+        """`<file name>:<row>`, the sample id of the row: without the file's folder, so that ids kept in a run
+        folder (warmup self-play) and compared across runs do not depend on the machine or the clone."""
+        return f"{Path(self.file).name}:{self.row}"
+
 
 @dataclass
 class ChatMessage:

@@ -310,7 +310,7 @@ class SampleBuilder:
                 if text is not None:
                     self.stats.truncated += self._text_segment_ids(kind, text, f"teacher_{kind}")[1]
         return Sample(
-            uid=str(record.origin),
+            uid=record.origin.uid,
             prompt_ids=ids,
             image_inputs=image_inputs,
             images=record.images,

@@ -171,16 +171,25 @@ class LocalEngine(RolloutEngine):
             self._check_prompt(sample)
         rows = [prompt for prompt in prompts for _ in range(params.n)]
         stop_ids = tuple(dict.fromkeys(self.eos_token_ids + params.stop_token_ids))
-        completed: list[Sample] = []
+        if params.seed is None:  # draws from (and advances) the process's generators: another call, other samples
+            return self._generate_rows(rows, params, stop_ids, cancelled)
         # A seed makes the whole call reproducible without disturbing the caller's random state.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            for start in range(0, len(rows), self.max_batch_size):
-                batch = rows[start : start + self.max_batch_size]
-                completed += self._generate_batch(batch, params, stop_ids, cancelled)
-                if cancelled is not None and cancelled():
-                    raise GenerationCancelled("generation cancelled")
+            torch.manual_seed(params.seed)
+            return self._generate_rows(rows, params, stop_ids, cancelled)
+
+    def _generate_rows(
+        self,
+        rows: list[Sample],
+        params: SamplingParams,
+        stop_ids: tuple[int, ...],
+        cancelled: Callable[[], bool] | None = None,
+    ) -> list[Sample]:
+        completed: list[Sample] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            completed += self._generate_batch(rows[start : start + self.max_batch_size], params, stop_ids, cancelled)
+            if cancelled is not None and cancelled():
+                raise GenerationCancelled("generation cancelled")
         return completed
 
     def _check_prompt(self, sample: Sample) -> None:

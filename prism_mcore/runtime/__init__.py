@@ -7,9 +7,9 @@ from prism_mcore.runtime.distributed import (
     default_device,
     gather_data_parallel,
     init_distributed,
-    seed_everything,
     shutdown,
 )
+from prism_mcore.runtime.seeding import seed_everything, stage_seed
 
 __all__ = [
     "DistEnv",
@@ -19,4 +19,5 @@ __all__ = [
     "init_distributed",
     "seed_everything",
     "shutdown",
+    "stage_seed",
 ]

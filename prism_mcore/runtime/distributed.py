@@ -1,4 +1,4 @@
-"""Process-group and model-parallel setup, seeding, device selection and shutdown.
+"""Process-group and model-parallel setup, device selection and shutdown.
 
 `init_distributed` works the same under `torchrun` (it reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
 MASTER_PORT) and as a plain single process (it makes a one-rank group with an in-memory store). With CUDA it uses NCCL
@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import ctypes
 import os
-import random
 import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from prism_mcore.config.schema import ParallelConfig
 from prism_mcore.runtime import compat
+from prism_mcore.runtime.seeding import seed_everything
 
 
 @dataclass(frozen=True)
@@ -51,23 +50,6 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch, and Megatron's model-parallel RNG tracker when its groups exist.
-
-    Megatron's tracker gives TP ranks different dropout streams and the DP ranks identical ones (seed + 2718 + tp
-    rank for the model-parallel state, seed + 1024 + 100·ep rank for experts), so results do not depend on layout.
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-        model_parallel_cuda_manual_seed(seed)
 
 
 def init_distributed(parallel: ParallelConfig | None = None, seed: int = 42) -> DistEnv:

@@ -38,7 +38,7 @@ from prism_mcore.record import Sample
 from prism_mcore.rewards import ResponseSegmenter, reward_batch
 from prism_mcore.rewards.verifiable import DEFAULT_DATA_SOURCE, get_judge
 from prism_mcore.rollout import RolloutEngine, SamplingParams, build_rollout_engine, weights_for_sync
-from prism_mcore.runtime import DistEnv, init_distributed
+from prism_mcore.runtime import DistEnv, init_distributed, seed_everything
 from prism_mcore.stages.errors import StageFailed
 from prism_mcore.training.forward import token_batch
 from prism_mcore.training.metrics import MetricsLogger, get_logger, progress
@@ -160,11 +160,16 @@ def setup(config: Config) -> RunContext:
 
 
 def start_stage(config: Config, stage: str) -> RunContext | None:
-    """The run context for `stage`, or None when an earlier run of this pipeline already finished it."""
+    """The run context for `stage`, or None when an earlier run of this pipeline already finished it.
+
+    Every generator is seeded for the stage here, so nothing that ran before it in this process (a first-use build
+    of the embedded default, an earlier stage) changes what it draws.
+    """
     ctx = setup(config)
     if read_stage_done(ctx.run_dir, stage):
         log.info("%s: already done, skipped", stage)
         return None
+    seed_everything(config.run.seed, stage)
     return ctx
 
 

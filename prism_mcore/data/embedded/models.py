@@ -112,9 +112,14 @@ def generation_config(tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
 
 
 def save_dense_model(size: TinyQwen3VLSize, tokenizer: PreTrainedTokenizerBase, folder: Path, seed: int) -> Path:
-    """A randomly initialised (seeded) dense Qwen3-VL checkpoint in fp32, with its tokenizer and processor."""
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(qwen3vl_config(size, tokenizer)).eval()
+    """A randomly initialised (seeded) dense Qwen3-VL checkpoint in fp32, with its tokenizer and processor.
+
+    transformers initialises from the process's CPU generator: it is seeded for the build and restored afterwards,
+    so a build neither depends on nor changes the random state of the run that triggered it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(qwen3vl_config(size, tokenizer)).eval()
     model.generation_config = generation_config(tokenizer)
     model.save_pretrained(folder)
     save_processor(tokenizer, folder)

@@ -245,6 +245,8 @@ def test_the_embedded_default_files_build_without_errors(builder: SampleBuilder,
     assert len(list(checked(rows, lambda row: builder.sft_sequence(sft[row]), "raise", stats))) == 10
     samples = list(checked(rows, lambda row: builder.prompt_sample(align[row]), "raise", stats))
     assert all(len(builder.teacher_segments(sample)) == 2 for sample in samples)
+    # Ids name the file, not its folder: they are kept in run folders and compared across machines and clones.
+    assert [sample.uid for sample in samples] == [f"align.parquet:{row}" for row in rows]
     assert len(list(checked(rows, lambda row: builder.prompt_sample(rl[row]), "raise", stats))) == 10
     assert len(list(checked(rows, lambda row: builder.warmup_pairs(warmup[row]), "raise", stats))) == 10
     assert (stats.read, stats.kept, stats.truncated) == (40, 40, 0)

@@ -1,11 +1,13 @@
-"""Building the embedded default: the same bytes every build, reuse of a complete build, one builder among concurrent
-callers, no partial folder after a failed or killed build, and the cache location."""
+"""Building the embedded default: the same bytes every build, the caller's random state left alone, reuse of a
+complete build, one builder among concurrent callers, no partial folder after a failed or killed build, and the cache
+location."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import random
 import runpy
 import subprocess
 import sys
@@ -13,7 +15,9 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from prism_mcore.data.embedded import EmbeddedAssets, TaskSizes, default_root, ensure_embedded
 from prism_mcore.data.embedded import build as build_module
@@ -62,6 +66,18 @@ def test_builds_are_byte_identical(tmp_path: Path, assets: EmbeddedAssets) -> No
     for name, digest in hashes.items():
         if not name.startswith("data/"):
             assert default_hashes[name] == digest, name
+
+
+def test_a_build_leaves_the_random_state_alone(tmp_path: Path) -> None:
+    """A run that builds the embedded default on first use must draw the same numbers as one that finds it built."""
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    ensure_embedded(tmp_path / "build", sizes=SMALL)
+    assert random.getstate() == before[0]
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert torch.equal(torch.get_rng_state(), before[2])
 
 
 def test_a_complete_build_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -114,6 +114,15 @@ def test_seeded_generation_is_reproducible(engine: LocalEngine, prompts: list[Sa
     assert first[0].response_ids != first[1].response_ids  # the n samples of a prompt differ
 
 
+def test_unseeded_generation_draws_from_the_process_generator(engine: LocalEngine, prompts: list[Sample]) -> None:
+    params = SamplingParams(n=1, max_new_tokens=16)
+    torch.manual_seed(3)
+    first = [s.response_ids for s in engine.generate(prompts, params)]
+    assert [s.response_ids for s in engine.generate(prompts, params)] != first  # a second call, other samples
+    torch.manual_seed(3)
+    assert [s.response_ids for s in engine.generate(prompts, params)] == first
+
+
 def test_update_weights_loads_in_place_and_bumps_the_version(engine: LocalEngine, prompts: list[Sample]) -> None:
     params = SamplingParams(n=1, max_new_tokens=16, seed=5)
     before = engine.generate(prompts, params)
