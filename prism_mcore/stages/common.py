@@ -433,15 +433,14 @@ def run_steps(
     state = {} if state is None else state
     manager = CheckpointManager(ctx.stage_dir("checkpoints", stage), keep_last=ctx.config.run.keep_last)
     start = 0
-    latest = manager.latest()
-    if latest is None:
+    record = manager.restore(trainables)  # the newest checkpoint that checks out; unusable ones are set aside
+    if record is None:
         ctx.metrics.truncate(stage, 0)  # a stage killed before its first checkpoint starts over
     else:
-        record = manager.load(latest, trainables)
         start = record["step"]
         state.update(record["meta"].get("state", {}))
         ctx.metrics.truncate(stage, start)
-        log.info("%s: resumed from %s (step %d of %d)", stage, latest, start, total_steps)
+        log.info("%s: resumed from %s (step %d of %d)", stage, manager.root / f"step_{start}", start, total_steps)
         if on_resume is not None:
             on_resume(start)
     for step in progress(range(start, total_steps), desc=stage, total=total_steps - start):
