@@ -24,6 +24,7 @@ import enum
 import io
 import pickle
 import queue
+import re
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -115,9 +116,7 @@ def dist_load(state: dict[str, Any], directory: str | Path) -> dict[str, Any]:
             refused = [exc for exc, _ in error.failures.values() if isinstance(exc, pickle.UnpicklingError)]
             if not refused:
                 raise
-            lines = str(refused[0]).splitlines()
-            reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0])
-            raise pickle.UnpicklingError(f"{directory}: refused to unpickle ({reason})") from None
+            raise pickle.UnpicklingError(f"{directory}: refused to unpickle ({refusal_reason(refused[0])})") from None
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -146,6 +145,13 @@ class _MetadataUnpickler(pickle.Unpickler):
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         raise pickle.UnpicklingError(f"checkpoint metadata may not refer to {module}.{name}")
+
+
+def refusal_reason(error: pickle.UnpicklingError) -> str:
+    """What a `torch.load(weights_only=True)` refusal refused, in a few words (its message is mostly advice on
+    loading the file anyway)."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return f"it refers to {refused.group(1)}" if refused else (str(error).splitlines() or [type(error).__name__])[0]
 
 
 def _read_metadata(stream: Any, path: Any) -> Any:

@@ -43,6 +43,7 @@ from prism_mcore.training.checkpoint import (
     dist_save,
     load_model_state,
     model_sharded_state,
+    refusal_reason,
 )
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ _FORMAT = 1  # manifest format; RNG states as tensors (format 0, before manifest
 _HASH_CHUNK = 1 << 24
 
 
-class CheckpointInvalid(RuntimeError):
+class CheckpointInvalid(Exception):
     """A step checkpoint that is incomplete, altered or unreadable; the message says which file and why."""
 
 
@@ -145,14 +146,48 @@ def _hash_files(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _file_problem(folder: Path, name: str, entry: dict[str, Any]) -> str | None:
     path = folder / name
-    if not path.is_file():
+    if not path.exists():
         return f"{name} is missing"
+    if not path.is_file():
+        return f"{name} is not a regular file"
     size = path.stat().st_size
     if size != entry["bytes"]:
         return f"{name} has {size} bytes, the manifest says {entry['bytes']}"
     if _sha256(path) != entry["sha256"]:
         return f"{name} does not match its SHA-256 in the manifest"
     return None
+
+
+def _read_verified(path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """This rank's share of checking a step checkpoint (its share of the hashes, the dist-checkpoint metadata, its own
+    RNG file), then `meta.json`'s record and its RNG state; CheckpointInvalid naming the first problem."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+        if manifest.get("format") != _FORMAT or manifest.get("step") != int(path.name.split("_")[-1]):
+            raise CheckpointInvalid(f"{MANIFEST} is for step {manifest.get('step')} (format {manifest.get('format')})")
+        names = sorted(files)
+        for name in names[_rank() :: _world_size()]:
+            problem = _file_problem(path, name, files[name])
+            if problem:
+                raise CheckpointInvalid(problem)
+        for name in names:
+            if Path(name).name == ".metadata":
+                check_dist_metadata(path / name)
+        record = json.loads((path / "meta.json").read_text())
+        rng_name = f"rng_rank{_rank()}.pt"
+        if manifest["world_size"] != _world_size() or rng_name not in files:
+            return record, None  # another world size: fresh seeds
+        try:
+            return record, torch.load(path / rng_name, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise pickle.UnpicklingError(f"{rng_name}: {refusal_reason(error)}") from None
+    except FileNotFoundError as error:
+        raise CheckpointInvalid(f"{Path(error.filename).name} is missing") from None
+    except pickle.UnpicklingError as error:  # a planted or foreign file: refused, never run
+        raise CheckpointInvalid(f"refused to unpickle {str(error).splitlines()[0]}") from None
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointInvalid(f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}") from None
 
 
 class CheckpointManager:
@@ -206,32 +241,11 @@ class CheckpointManager:
     def _check(self, path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """`(meta.json's record, this rank's RNG state or None)` if `path` is whole on every rank; else
         CheckpointInvalid with the first problem any rank found (collective: every rank gets the same answer)."""
-        record, rng, problem = None, None, None
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
-            files = manifest["files"]
-            if manifest.get("format") != _FORMAT or manifest.get("step") != int(path.name.split("_")[-1]):
-                raise ValueError(f"{MANIFEST} is for format {manifest.get('format')}, step {manifest.get('step')}")
-            names = sorted(files)
-            problem = next(
-                filter(None, (_file_problem(path, n, files[n]) for n in names[_rank() :: _world_size()])), None
-            )
-            if problem is None:
-                for name in (n for n in names if Path(n).name == ".metadata"):
-                    check_dist_metadata(path / name)
-                record = json.loads((path / "meta.json").read_text())
-                rng_name = f"rng_rank{_rank()}.pt"
-                if manifest["world_size"] == _world_size() and rng_name in files:
-                    try:
-                        rng = torch.load(path / rng_name, weights_only=True)
-                    except pickle.UnpicklingError as error:
-                        raise pickle.UnpicklingError(f"{rng_name}: {str(error).splitlines()[0]}") from None
-        except FileNotFoundError as error:
-            problem = f"{Path(error.filename).name} is missing"
-        except pickle.UnpicklingError as error:  # a planted or foreign file: refused, never run
-            problem = f"refused to unpickle: {str(error).splitlines()[0]}"
-        except (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as error:
-            problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            record, rng = _read_verified(path)
+            problem = None
+        except CheckpointInvalid as error:
+            record, rng, problem = None, None, str(error)
         problems = [p for p in _all_gather(problem) if p]
         if problems:
             raise CheckpointInvalid(problems[0])
@@ -257,7 +271,8 @@ class CheckpointManager:
 
     def restore(self, trainables: Mapping[str, Any]) -> dict[str, Any] | None:
         """Load the newest checkpoint that checks out (see the module docstring); None if there is none."""
-        for step in reversed(self.steps()):
+        steps = self.steps()
+        for step in reversed(steps):
             path = self.root / f"step_{step}"
             try:
                 return self.load(path, trainables)
@@ -268,7 +283,7 @@ class CheckpointManager:
                     shutil.rmtree(set_aside, ignore_errors=True)
                     path.rename(set_aside)
                 _barrier()
-        if self.root.exists() and any(self.root.glob("bad-step_*")):
+        if steps:
             log.warning("no usable step checkpoint in %s: starting from step 0", self.root)
         return None
 
