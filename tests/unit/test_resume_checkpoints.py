@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pickle
 import random
 import shutil
@@ -77,6 +78,7 @@ def reference(runtime: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
     root = tmp_path_factory.mktemp("ckpt") / "gpt"
     manager = CheckpointManager(root, keep_last=len(SAVED_STEPS))
+    backend_settings = {key: value for key, value in os.environ.items() if key.startswith("NVTE_")}
     trainables = _trainable()
     losses, draws = {}, []
     for step in range(TOTAL_STEPS):
@@ -86,6 +88,10 @@ def reference(runtime: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[
             manager.save(step + 1, trainables, meta={"state": {"data_position": step + 1}})
             draws = _draws()
     assert manager.steps() == list(SAVED_STEPS)
+    # Building a model writes its attention backend into os.environ; conftest undoes that per test, not per module.
+    for key in [key for key in os.environ if key.startswith("NVTE_")]:
+        del os.environ[key]
+    os.environ.update(backend_settings)
     return root, losses, draws
 
 
