@@ -241,3 +241,18 @@ def test_saving_starts_no_process(runtime: None, tmp_path: Path, monkeypatch: py
     CheckpointManager(tmp_path / "gpt").save(1, _trainable())
     started = [c for c in psutil.Process().children(recursive=True) if c.pid not in before]
     assert started == [], [" ".join(c.cmdline()) for c in started]
+
+
+def test_rng_is_kept_fresh_when_the_world_size_changed(reference, checkpoints: Path) -> None:
+    """Another world size (e.g. 2 ranks saved, 1 loads): rank 0's saved streams belong to another layout, so the
+    weights, optimizer and schedule come back and the generators keep the seeds this run set."""
+    _, losses, saved_draws = reference
+    manifest = json.loads((checkpoints / "step_3" / "manifest.json").read_text())
+    manifest["world_size"] = 2
+    (checkpoints / "step_3" / "manifest.json").write_text(json.dumps(manifest))
+    record, trainables = _restore(checkpoints)
+    restored_draws = _draws()
+    _trainable()  # seeds every generator as a fresh start does, and draws the same initial weights
+    fresh_draws = _draws()
+    assert record["step"] == 3 and restored_draws == fresh_draws != saved_draws
+    assert [_train(trainables, step) for step in (3, 4)] == [losses[4], losses[5]]
