@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import importlib
 import io
 import pickle
 import queue
@@ -130,10 +131,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     )
 
     def find_class(self, module: str, name: str) -> Any:
-        import torch.serialization
-
         if module in self._MODULES and "." not in name:
-            found = getattr(__import__(module, fromlist=[name]), name, None)
+            found = getattr(importlib.import_module(module), name, None)
             if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
                 return found
         if module == "torch" and name == "Size":
@@ -170,7 +169,8 @@ def check_dist_metadata(path: str | Path) -> None:
 
 @contextlib.contextmanager
 def _no_code_from_checkpoints() -> Iterator[None]:
-    """Swap PyTorch's two unrestricted unpicklings in dist-checkpoint loading for restricted ones, for the duration."""
+    """Swap PyTorch's two unrestricted unpicklings in dist-checkpoint loading for restricted ones, for the duration
+    (process-wide: checkpoints load on the main thread, while no other thread loads one)."""
     from torch.distributed.checkpoint._traverse import set_element
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader

@@ -139,8 +139,9 @@ def _sha256(path: Path) -> str:
 def _hash_files(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and SHA-256 of every file under `folder` (collective: each rank hashes a share)."""
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-    mine = {name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)} for name in
-            names[_rank() :: _world_size()]}  # fmt: skip
+    mine = {}
+    for name in names[_rank() :: _world_size()]:
+        mine[name] = {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
     return {name: entry for share in _all_gather(mine) for name, entry in share.items()}
 
 
@@ -278,12 +279,12 @@ class CheckpointManager:
                 return self.load(path, trainables)
             except CheckpointInvalid as error:
                 set_aside = self.root / f"bad-step_{step}"
-                log.warning("step checkpoint %s is unusable (%s): moved to %s", path, error, set_aside.name)
-                if _rank() == 0:
+                if _rank() == 0:  # every rank has the same verdict: one warning per job
+                    log.warning("step checkpoint %s is unusable (%s): moved to %s", path, error, set_aside.name)
                     shutil.rmtree(set_aside, ignore_errors=True)
                     path.rename(set_aside)
                 _barrier()
-        if steps:
+        if steps and _rank() == 0:
             log.warning("no usable step checkpoint in %s: starting from step 0", self.root)
         return None
 
