@@ -31,6 +31,8 @@ from typing import Any
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.parser import ExtractionTarget
 
+from prism_mcore.runtime.lifetime import exit_with_parent, start_helper
+
 logger = logging.getLogger(__name__)
 
 MATH_VERIFY_TIMEOUT_S = 5  # math-verify's own default for each parse and each comparison
@@ -77,7 +79,10 @@ def _equivalent_here(
 
 
 def _serve() -> None:
-    """A helper process's main loop: unpickle `(function, args)` from stdin, pickle `(succeeded, result)` to stdout."""
+    """A helper process's main loop: unpickle `(function, args)` from stdin, pickle `(succeeded, result)` to stdout.
+
+    Ends when the parent closes the pipe, and with the parent however it ends, even in the middle of a job."""
+    exit_with_parent()
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints go to stderr, not into the replies
     requests = sys.stdin.buffer
@@ -106,7 +111,7 @@ class _Helper:
     def __init__(self) -> None:
         # The child imports prism_mcore from wherever the parent did.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
-        self._process = subprocess.Popen(
+        self._process = start_helper(
             [sys.executable, "-c", "from prism_mcore.rewards.math_verify_runner import _serve; _serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

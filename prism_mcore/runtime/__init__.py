@@ -1,5 +1,6 @@
 """Distributed runtime: process groups (NCCL or gloo), Megatron model-parallel groups, seeding, device detection,
-and the compatibility layer that lets the same Megatron code run without CUDA or Transformer Engine."""
+the compatibility layer that lets the same Megatron code run without CUDA or Transformer Engine, and process
+lifetime (`lifetime`: helper processes die with the process that started them)."""
 
 from prism_mcore.runtime.distributed import (
     DistEnv,

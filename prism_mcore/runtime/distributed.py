@@ -9,10 +9,7 @@ Megatron-Core's `parallel_state`.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,6 +19,7 @@ import torch.distributed as dist
 
 from prism_mcore.config.schema import ParallelConfig
 from prism_mcore.runtime import compat
+from prism_mcore.runtime.lifetime import exit_with_parent
 from prism_mcore.runtime.seeding import seed_everything
 
 
@@ -62,7 +60,7 @@ def init_distributed(parallel: ParallelConfig | None = None, seed: int = 42) -> 
 
     launched = "RANK" in os.environ  # under torchrun; otherwise a plain `python ...` run, one rank
     if launched:
-        exit_with_launcher()
+        exit_with_parent()  # torchrun starts its workers in sessions of their own: die with the launcher
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -118,20 +116,6 @@ def init_distributed(parallel: ParallelConfig | None = None, seed: int = 42) -> 
         dp=dp,
         dp_rank=parallel_state.get_data_parallel_rank(),
     )
-
-
-def exit_with_launcher() -> None:
-    """Make this worker die with the process that launched it (Linux; a no-op elsewhere).
-
-    torchrun starts its workers in sessions of their own, so a launcher killed with SIGKILL (or the shell script
-    around it) would leave them training on, and the same command started again would race them for the run folder.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
 
 
 def shutdown() -> None:

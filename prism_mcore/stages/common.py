@@ -529,20 +529,19 @@ def run_steps(
     start = 0
     skipped_steps = 0
     allowed_skips = ctx.config.run.max_skipped_step_fraction * total_steps
-    latest = manager.latest()
-    if latest is None:
+    with all_resident(trainables):
+        record = manager.restore(trainables)  # the newest checkpoint that checks out; unusable ones are set aside
+    if record is None:
         ctx.metrics.truncate(stage, 0)  # a stage killed before its first checkpoint starts over
     else:
-        with all_resident(trainables):
-            record = manager.load(latest, trainables)
         start = record["step"]
         state.update(record["meta"].get("state", {}))
         skipped_steps = record["meta"].get("skipped_steps", 0)
         ctx.metrics.truncate(stage, start)
-        log.info("%s: resumed from %s (step %d of %d)", stage, latest, start, total_steps)
+        log.info("%s: resumed from %s (step %d of %d)", stage, manager.root / f"step_{start}", start, total_steps)
         if on_resume is not None:
             on_resume(start)
-    if latest is None and before_training is not None:
+    if record is None and before_training is not None:
         ctx.metrics.log(stage, 0, before_training())
     for step in progress(range(start, total_steps), desc=stage, total=total_steps - start):
         began = time.time()

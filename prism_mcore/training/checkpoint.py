@@ -8,12 +8,27 @@ Writes are atomic: shards go to `<dir>.tmp`, which rank 0 renames to `<dir>` onc
 an older checkpoint of that name; a crash leaves the previous checkpoint intact. `model_sharded_state` is the model
 part of a sharded state dict, so a resumable checkpoint adds optimizer, scheduler, RNG and data-position state next
 to it in the same `dist_checkpointing.save` call.
+
+Loading never runs code from the checkpoint: `dist_load` reads torch_dist's pickled `.metadata` with an unpickler that
+admits only the checkpoint-metadata records, and its non-tensor values with `torch.load(weights_only=True)`
+(PyTorch's reader would unpickle both without limits). `dist_save` starts no helper process: Megatron's writer
+reports its results through a queue it would otherwise create as a `multiprocessing.Manager` server, a process that
+outlives a killed trainer; our saves are synchronous, so an in-process queue carries them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import enum
+import importlib
+import io
+import pickle
+import queue
+import re
 import shutil
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +67,7 @@ def save_model_checkpoint(models: Models, directory: str | Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model_sharded_state(models), str(staging))
+    dist_save(model_sharded_state(models), staging)
     _barrier()
     if is_main:
         shutil.rmtree(directory, ignore_errors=True)
@@ -66,7 +81,7 @@ def load_model_checkpoint(models: Models, directory: str | Path) -> None:
     directory = Path(directory)
     if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
         raise FileNotFoundError(f"{directory} is not a Megatron distributed checkpoint")
-    load_model_state(models, dist_checkpointing.load(model_sharded_state(models), str(directory)))
+    load_model_state(models, dist_load(model_sharded_state(models), directory))
 
 
 def load_model_state(models: Models, loaded: dict[str, Any]) -> None:
@@ -80,3 +95,106 @@ def load_model_state(models: Models, loaded: dict[str, Any]) -> None:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def dist_save(state: dict[str, Any], directory: str | Path) -> None:
+    """`dist_checkpointing.save` (collective) without a helper process (see the module docstring)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(state, str(directory))
+
+
+def dist_load(state: dict[str, Any], directory: str | Path) -> dict[str, Any]:
+    """`dist_checkpointing.load` (collective) that refuses, instead of running, code planted in the checkpoint."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with _no_code_from_checkpoints():
+        try:
+            return dist_checkpointing.load(state, str(directory))
+        except CheckpointException as error:  # a BaseException: name the refusal in one line instead
+            refused = [exc for exc, _ in error.failures.values() if isinstance(exc, pickle.UnpicklingError)]
+            if not refused:
+                raise
+            raise pickle.UnpicklingError(f"{directory}: refused to unpickle ({refusal_reason(refused[0])})") from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles what torch_dist writes as `.metadata`: PyTorch's checkpoint-metadata dataclasses and enums, shapes,
+    dtypes and layouts. Anything else (a function, `os.system`, any other class) is refused."""
+
+    _MODULES = (
+        "torch.distributed.checkpoint.metadata",
+        "torch.distributed.checkpoint.planner",
+        "torch.distributed.checkpoint.filesystem",
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._MODULES and "." not in name:
+            found = getattr(importlib.import_module(module), name, None)
+            if isinstance(found, type) and (dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)):
+                return found
+        if module == "torch" and name == "Size":
+            return torch.Size
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return torch.serialization._get_layout  # maps a layout's name to the layout
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        raise pickle.UnpicklingError(f"checkpoint metadata may not refer to {module}.{name}")
+
+
+def refusal_reason(error: pickle.UnpicklingError) -> str:
+    """What a `torch.load(weights_only=True)` refusal refused, in a few words (its message is mostly advice on
+    loading the file anyway)."""
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    return f"it refers to {refused.group(1)}" if refused else (str(error).splitlines() or [type(error).__name__])[0]
+
+
+def _read_metadata(stream: Any, path: Any) -> Any:
+    try:
+        return _MetadataUnpickler(stream).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        raise pickle.UnpicklingError(f"{Path(path).name}: {error}") from None
+
+
+def check_dist_metadata(path: str | Path) -> None:
+    """Read a torch_dist `.metadata` file as `dist_load` would: pickle.UnpicklingError if it is truncated or holds
+    anything but checkpoint metadata."""
+    with open(path, "rb") as stream:
+        _read_metadata(stream, path)
+
+
+@contextlib.contextmanager
+def _no_code_from_checkpoints() -> Iterator[None]:
+    """Swap PyTorch's two unrestricted unpicklings in dist-checkpoint loading for restricted ones, for the duration
+    (process-wide: checkpoints load on the main thread, while no other thread loads one)."""
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    def read_metadata(reader: FileSystemReader, *args: Any, **kwargs: Any) -> Any:
+        path = reader._get_metadata_path(kwargs.get("rank"))
+        with reader.fs.create_stream(path, "rb") as stream:
+            metadata = _read_metadata(stream, path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = reader.load_id
+        return metadata
+
+    def load_bytes(planner: DefaultLoadPlanner, read_item: Any, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if planner.flatten_state_dict:
+            set_element(planner.original_state_dict, planner.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            planner.state_dict[read_item.dest_index.fqn] = loaded
+
+    saved = (FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes)
+    FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = read_metadata, load_bytes
+    try:
+        yield
+    finally:
+        FileSystemReader.read_metadata, DefaultLoadPlanner.load_bytes = saved

@@ -68,37 +68,3 @@ def test_megatron_bridge_imports_without_transformer_engine() -> None:
     from megatron.bridge import AutoBridge  # noqa: F401  fails on the unguarded TE import otherwise
 
     assert compat.has_transformer_engine() or "megatron.bridge: guarded transformer_engine import" in compat.APPLIED
-
-
-def test_a_worker_dies_with_its_launcher(tmp_path) -> None:
-    """A launcher killed with SIGKILL takes its worker along (torchrun's workers run in their own session)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    worker = (
-        "import os, time; from prism_mcore.runtime.distributed import exit_with_launcher; exit_with_launcher(); "
-        f"open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid())); time.sleep(120)"
-    )
-    launcher = subprocess.Popen(
-        [sys.executable, "-c", f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {worker!r}], "
-         "start_new_session=True); time.sleep(120)"]
-    )  # fmt: skip
-    pid_file = tmp_path / "pid"
-    deadline = time.time() + 60
-    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
-        time.sleep(0.1)
-    pid = int(pid_file.read_text())
-    launcher.send_signal(signal.SIGKILL)
-    launcher.wait()
-    for _ in range(100):
-        try:  # gone, or a zombie nobody has reaped yet
-            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
-                return
-        except FileNotFoundError:
-            return
-        time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-    raise AssertionError("the worker outlived its launcher")
