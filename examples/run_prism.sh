@@ -16,7 +16,7 @@ bash tools/install.sh
 # prism_mcore.launch is torchrun after a check of the config, the data paths and the run folder's lock (a problem
 # is one line, exit code 2 or 3, before any worker starts); it takes a free master port unless MASTER_PORT is set
 # (several nodes keep 29500), and shows a worker's config or data error as its one line. Workers die with their
-# launcher (runtime.exit_with_launcher); the last launch replaces this shell (exec), so killing the script kills
+# launcher (runtime.lifetime.exit_with_parent); the last launch replaces this shell (exec), so killing the script kills
 # the whole run.
 launch=(
   .venv/bin/python -m prism_mcore.launch
