@@ -304,7 +304,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rollout.request_timeout_s": _above(0),
     "rollout.max_retries": _at_least(0),
     "rollout.retry_backoff_s": _at_least(0),
-    "rollout.max_concurrent_requests": _at_least(1),
+    "rollout.max_concurrent_requests": _at_least(0),  # 0: every request of a call in flight
     "rollout.server_ready_timeout_s": _above(0),
     "rollout.weight_sync_bucket_mb": _at_least(1),
     "rollout.weight_sync_master_port": _within(1, 65535, closed_high=True),
