@@ -66,7 +66,13 @@ def checkpoints_without_models(monkeypatch: pytest.MonkeyPatch) -> None:
         (folder / "meta.json").write_text(json.dumps({"step": step, "meta": meta or {}, "schedulers": {}}))
         return folder
 
+    def restore(self: CheckpointManager, trainables: dict) -> dict | None:
+        assert not trainables
+        steps = self.steps()
+        return json.loads((self.root / f"step_{steps[-1]}" / "meta.json").read_text()) if steps else None
+
     monkeypatch.setattr(CheckpointManager, "save", save)
+    monkeypatch.setattr(CheckpointManager, "restore", restore)
 
 
 def _context(tmp_path: Path) -> SimpleNamespace:
