@@ -19,27 +19,16 @@ import pytest
 import requests
 from PIL import Image
 
-from prism_mcore.data.embedded import EmbeddedAssets, ensure_embedded
+from prism_mcore.data.embedded import EmbeddedAssets
 from prism_mcore.record import Sample
 from prism_mcore.rollout.protocol import image_data_uri
 from prism_mcore.rollout.server import RolloutServer, ServerLimits, serve
-from tests.rollout_support import rollout_prompts
 
 IDLE_TIMEOUT_S = 1.0
 MAX_IMAGE_BYTES = 200_000
 MAX_IMAGE_PIXELS = 1024 * 1024
 MAX_BODY_BYTES = 4 * 1024**2
 MAX_QUEUED = 60
-
-
-@pytest.fixture(scope="module")
-def embedded() -> EmbeddedAssets:
-    return ensure_embedded()
-
-
-@pytest.fixture(scope="module")
-def prompts(embedded: EmbeddedAssets) -> list[Sample]:
-    return rollout_prompts(embedded)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import requests
 import torch
 
 from prism_mcore.config.schema import RolloutConfig
-from prism_mcore.data.embedded import EmbeddedAssets, ensure_embedded
+from prism_mcore.data.embedded import EmbeddedAssets
 from prism_mcore.hf_checkpoint import write_hf_checkpoint
 from prism_mcore.record import Sample
 from prism_mcore.rollout import (
@@ -37,7 +37,6 @@ from tests.rollout_support import (
     launch_server,
     perturbed_weights,
     requires_sglang,
-    rollout_prompts,
     running_server,
     sglang_schema_errors,
     teacher_forced_logprobs,
@@ -46,16 +45,6 @@ from tests.torchrun import free_port
 
 PARAMS = SamplingParams(n=2, temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=24, seed=100)
 LOGPROB_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def embedded() -> EmbeddedAssets:
-    return ensure_embedded()
-
-
-@pytest.fixture(scope="module")
-def prompts(embedded: EmbeddedAssets) -> list[Sample]:
-    return rollout_prompts(embedded)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import pytest
 
 from prism_mcore import launch
 from prism_mcore.data.embedded.build import ensure_embedded
+from tests.unit.test_run_lock import lock_holder
 
 REPO = Path(__file__).parents[2]
 
@@ -24,11 +25,7 @@ def test_a_run_folder_in_use_is_refused_before_torchrun_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", f"from prism_mcore.training.run_lock import lock_run_dir as l; l({str(run_dir)!r}); "
-         "print('locked', flush=True); import time; time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = lock_holder(run_dir)
     from torch.distributed import run as torchrun
 
     monkeypatch.setattr(torchrun, "run", lambda args: pytest.fail("torchrun started"))
