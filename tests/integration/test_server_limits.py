@@ -9,7 +9,6 @@ import base64
 import io
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from prism_mcore.data.embedded import EmbeddedAssets
 from prism_mcore.record import Sample
 from prism_mcore.rollout.protocol import image_data_uri
 from prism_mcore.rollout.server import RolloutServer, ServerLimits, serve
+from tests.http_support import serving
 
 IDLE_TIMEOUT_S = 1.0
 MAX_IMAGE_BYTES = 200_000
@@ -51,15 +51,8 @@ def rollout(embedded: EmbeddedAssets, image_dir: Path) -> RolloutServer:
 
 @pytest.fixture(scope="module")
 def url(rollout: RolloutServer) -> Iterator[str]:
-    http_server = serve(rollout, "127.0.0.1", 0)
-    thread = threading.Thread(target=http_server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{http_server.server_address[1]}"
-    finally:
-        http_server.shutdown()
-        http_server.server_close()
-        thread.join(timeout=10)
+    with serving(serve(rollout, "127.0.0.1", 0)) as base_url:
+        yield base_url
 
 
 def _png(width: int, height: int) -> bytes:

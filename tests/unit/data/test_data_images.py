@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +31,7 @@ from prism_mcore.data.images import (
     read_image_file,
 )
 from prism_mcore.data.readers import RecordReader, open_warmup, parse_warmup_row
+from tests.http_support import serving
 
 
 @pytest.mark.parametrize(
@@ -236,14 +236,8 @@ class _ImageHandler(BaseHTTPRequestHandler):
 def image_server() -> Iterator[str]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serving(server) as base_url:
+        yield base_url
 
 
 def test_url_fetches_have_a_total_deadline_and_a_byte_limit(image_server: str, tmp_path: Path) -> None:
