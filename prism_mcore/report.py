@@ -1,5 +1,6 @@
-"""What a finished run shows a person: the table of accuracy and format-valid rate per stage, the training-curve
-plot, and a side-by-side comparison of two runs (SFT -> RLVR against SFT -> PRISM -> RLVR).
+"""What a finished run shows a person: the table of accuracy and format-valid rate per stage, the drift table (how
+far each stage's policy is from the teacher, `stages.drift`), the training-curve and drift plots, and a side-by-side
+comparison of two runs (SFT -> RLVR against SFT -> PRISM -> RLVR).
 
 Everything is read from the run folder (`summary.json`, `metrics.jsonl`), so `python -m prism_mcore report DIR`
 works on any finished or interrupted run: a stage that has logged steps but not finished gets a row saying how far
@@ -25,9 +26,31 @@ PLOTTED = {
         "critic/d_acc",
         "reward/format_valid_ratio",
         "reward/acc_reward/mean",
+        "val/caption_f1",
+        "val/teacher_caption_nll",
     ],  # fmt: skip
-    "rlvr": ["reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio"],
+    "rlvr": ["reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio", "val/caption_f1"],
 }
+
+# The drift report's columns: (heading, name in the stage's `eval.val`), then the style pairs (policy, teacher).
+DRIFT_COLUMNS = (
+    ("cap P", "caption_precision"),
+    ("cap R", "caption_recall"),
+    ("cap F1", "caption_f1"),
+    ("cap exact", "caption_exact"),
+    ("acc cap ok", "accuracy_caption_right"),
+    ("acc cap bad", "accuracy_caption_wrong"),
+    ("T cap NLL", "teacher_caption_nll"),
+    ("T CoT NLL", "teacher_cot_nll"),
+    ("D gap cap", "d_gap_caption"),
+    ("D gap CoT", "d_gap_cot"),
+)
+STYLE_COLUMNS = (
+    ("cap tokens", "caption_tokens", "teacher_caption_tokens"),
+    ("cap bullets", "caption_bullets", "teacher_caption_bullets"),
+    ("CoT tokens", "cot_tokens", "teacher_cot_tokens"),
+)
+PLOTTED_DRIFT = ("caption_f1", "caption_exact", "teacher_caption_nll", "teacher_cot_nll", "d_gap_caption", "d_gap_cot")
 
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -77,6 +100,61 @@ def stage_table(summary: dict[str, Any], logged_steps: dict[str, int] | None = N
     return "\n".join(lines)
 
 
+def _value(evaluation: dict[str, Any], name: str, width: int, digits: int = 3) -> str:
+    value = evaluation.get(name)
+    return f"{value:{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}s}"
+
+
+def drift_table(summary: dict[str, Any]) -> str:
+    """One row per evaluated stage: the drift report on the validation split (caption facts, accuracy by caption,
+    teacher NLL, D score gap), then style as policy / teacher, then which discriminator measured each gap."""
+    stages = [s for s in STAGES if "eval" in summary["stages"].get(s, {})]
+    if not stages:
+        return ""
+    headings = [heading for heading, _ in DRIFT_COLUMNS]
+    lines = [" | ".join([f"{'stage':8s}", *headings]), "-+-".join(["-" * 8] + ["-" * len(h) for h in headings])]
+    for stage in stages:
+        val = summary["stages"][stage]["eval"].get("val", {})
+        cells = [_value(val, name, len(heading)) for heading, name in DRIFT_COLUMNS]
+        lines.append(" | ".join([f"{stage:8s}", *cells]))
+    style = [f"{'stage':8s}", *(f"{heading + ' policy/teacher':>26s}" for heading, _, _ in STYLE_COLUMNS), "format"]
+    lines += ["", " | ".join(style), "-+-".join(["-" * 8] + ["-" * 26] * len(STYLE_COLUMNS) + ["-" * 6])]
+    for stage in stages:
+        val = summary["stages"][stage]["eval"].get("val", {})
+        cells = [f"{_value(val, policy, 17, 1)} / {_value(val, teacher, 6, 1)}" for _, policy, teacher in STYLE_COLUMNS]
+        lines.append(" | ".join([f"{stage:8s}", *cells, _value(val, "format_valid", 6)]))
+    lines.append("")
+    for stage in stages:
+        which = summary["stages"][stage].get("drift_discriminator")
+        if which:
+            lines.append(f"D gap at {stage}: {which}")
+    return "\n".join(lines)
+
+
+def plot_drift(summary: dict[str, Any], png_path: Path) -> Path | None:
+    """Bars of the drift figures per evaluated stage (one panel per figure); None when no stage has them."""
+    stages = [s for s in STAGES if "caption_f1" in summary["stages"].get(s, {}).get("eval", {}).get("val", {})]
+    if not stages:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PLOTTED_DRIFT), figsize=(2.6 * len(PLOTTED_DRIFT), 3.0), squeeze=False)
+    for axis, name in zip(axes[0], PLOTTED_DRIFT, strict=True):
+        values = [summary["stages"][s]["eval"]["val"].get(name) for s in stages]
+        axis.bar(stages, [float("nan") if v is None else v for v in values], color="tab:blue")
+        axis.set_title(name, fontsize=9)
+        axis.tick_params(labelsize=8)
+        axis.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
 def finalize(run_dir: str | Path) -> str:
     """Write the plot, record its path in the summary, and return the text a person reads at the end of a run (or
     at any point of it: an unfinished run shows its finished stages and how far the others got)."""
@@ -90,19 +168,37 @@ def finalize(run_dir: str | Path) -> str:
     if not finished and not logged:
         return f"{run_dir}: no stage has logged a step yet (no summary.json, no metrics.jsonl records)"
     plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "training_curves.png", PLOTTED)
+    drift_plot = plot_drift(summary, run_dir / "drift.png")
     if finished:
         summary["plot"] = str(plot)
+        if drift_plot is not None:
+            summary["drift_plot"] = str(drift_plot)
         write_text_atomic(summary_path, json.dumps(summary, indent=2))
     where = summary_path if finished else "none yet (no stage has finished)"
-    return f"{stage_table(summary, logged)}\n\nplot:    {plot}\nsummary: {where}"
+    drift = drift_table(summary)
+    drift = f"\n\ndrift from the teacher on the validation split:\n{drift}" if drift else ""
+    plots = f"plot:    {plot}" + (f"\ndrift:   {drift_plot}" if drift_plot else "")
+    return f"{stage_table(summary, logged)}{drift}\n\n{plots}\nsummary: {where}"
+
+
+def final_eval(run_dir: str | Path) -> dict[str, Any]:
+    """The evaluation of a run's last evaluated stage (`{"val": ..., "test": ...}`)."""
+    stages = load_summary(run_dir)["stages"]
+    return next(stages[s]["eval"] for s in reversed(STAGES) if s in stages and "eval" in stages[s])
 
 
 def comparison(baseline_dir: str | Path, prism_dir: str | Path) -> str:
-    """Test (and val) accuracy of the final policies of two runs, side by side."""
+    """Test (and val) accuracy of the final policies of two runs, side by side, then their drift figures."""
+    runs = (("SFT -> RLVR", final_eval(baseline_dir)), ("SFT -> PRISM -> RLVR", final_eval(prism_dir)))
     rows = ["run                         | val acc | test acc | test fmt", "-" * 28 + "+---------+----------+---------"]
-    for label, run_dir in (("SFT -> RLVR", baseline_dir), ("SFT -> PRISM -> RLVR", prism_dir)):
-        stages = load_summary(run_dir)["stages"]
-        final = next(stages[s]["eval"] for s in reversed(STAGES) if s in stages and "eval" in stages[s])
+    for label, final in runs:
         rows.append(f"{label:27s} | {final['val']['accuracy']:7.3f} | {final['test']['accuracy']:8.3f} | "
                     f"{final['test']['format_valid']:8.3f}")  # fmt: skip
+    rows += [
+        "",
+        f"{'drift (val)':27s} | {runs[0][0]:>11s} | {runs[1][0]:>20s}",
+        "-" * 28 + "+-" + "-" * 12 + "+" + "-" * 21,
+    ]
+    for heading, name in DRIFT_COLUMNS:
+        rows.append(f"{heading:27s} | {_value(runs[0][1]['val'], name, 11)} | {_value(runs[1][1]['val'], name, 20)}")
     return "\n".join(rows)

@@ -29,6 +29,7 @@ from prism_mcore.algorithms.discriminator_loss import (
     sanitize_scores,
     whole_response_discriminator_loss,
 )
+from prism_mcore.algorithms.drift import perception_drift
 from prism_mcore.algorithms.groups import group_ids_from_uids, group_mean_std, group_normalize
 from prism_mcore.algorithms.kl import KLEstimator, kl_estimate
 from prism_mcore.algorithms.logprobs import combine_vocab_shards, linear_logprobs_and_entropy, logprobs_and_entropy
@@ -48,6 +49,7 @@ from prism_mcore.algorithms.policy_loss import (
 )
 
 __all__ = [
+    "perception_drift",
     "DISCRIMINATOR_METRICS",
     "POLICY_LOSS_PRESETS",
     "AdvantageMode",

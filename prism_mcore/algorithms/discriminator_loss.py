@@ -133,7 +133,8 @@ def pairwise_warmup_loss(
     aux_loss: torch.Tensor | float = 0.0,
     aux_coef: float = 0.01,
 ) -> DiscriminatorLossOutput:
-    """Warmup Bradley-Terry loss `mean[-log sigmoid(s_T - s_S)] + aux_coef * aux` with `acc = mean(s_T > s_S)`."""
+    """Warmup Bradley-Terry loss `mean[-log sigmoid(s_T - s_S)] + aux_coef * aux` with `acc = mean(s_T > s_S)` and
+    `margin = mean(s_T - s_S)` (the drift report's score gap, teacher minus policy)."""
     margin = teacher_scores.float() - student_scores.float()
     pair_loss = F.softplus(-margin).mean()
     loss = pair_loss + aux_coef * aux_loss
@@ -141,6 +142,7 @@ def pairwise_warmup_loss(
         "loss": loss.detach(),
         "pair_loss": pair_loss.detach(),
         "acc": (margin > 0).float().mean(),
+        "margin": margin.detach().mean(),
     }
     return DiscriminatorLossOutput(loss=loss, metrics=metrics)
 

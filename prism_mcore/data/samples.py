@@ -378,6 +378,23 @@ class SampleBuilder:
             self._segment(sample.prompt_ids, sample.image_inputs, cot),
         )
 
+    def teacher_response_sequences(self, sample: Sample) -> tuple[TokenSequence, TokenSequence]:
+        """The teacher's whole response after `sample`'s prompt (caption, a newline, CoT and EOS), twice: labels on
+        the caption tokens only, then on the CoT tokens (with EOS) only; the drift report's teacher NLL per segment."""
+        if sample.teacher_caption is None or sample.teacher_cot is None:
+            raise ValueError(f"sample {sample.uid} has no teacher caption/CoT")
+        caption, _ = self._text_segment_ids("caption", sample.teacher_caption, "teacher_caption")
+        cot, _ = self._text_segment_ids("cot", sample.teacher_cot, "teacher_cot")
+        between = self.encode("\n")
+        ids = sample.prompt_ids + caption + between + cot
+        ignored = [IGNORE_INDEX] * len(sample.prompt_ids)
+        caption_labels = ignored + caption + [IGNORE_INDEX] * (len(between) + len(cot))
+        cot_labels = ignored + [IGNORE_INDEX] * (len(caption) + len(between)) + cot
+        return (
+            self._sequence(ids, sample.image_inputs, labels=caption_labels),
+            self._sequence(ids, sample.image_inputs, labels=cot_labels),
+        )
+
     # --- warmup pairs ---------------------------------------------------------------------------------------
 
     def warmup_pairs(self, example: WarmupExample) -> list[SegmentPair]:

@@ -63,6 +63,7 @@ from prism_mcore.stages.common import (
     validation,
     validation_params,
 )
+from prism_mcore.stages.drift import model_drift, record_drift
 from prism_mcore.training.forward import DiscriminatorBatch, discriminator_forward, policy_forward
 from prism_mcore.training.step import Filler, StepResult
 
@@ -218,6 +219,9 @@ def run(config: Config) -> None:
     )
     val_params = validation_params(cfg, seed=config.run.seed)
 
+    def drift() -> dict[str, float]:
+        return model_drift(ctx, policy.handle, discriminator.handle)
+
     def step_fn(step: int) -> dict[str, float]:
         params = dataclasses.replace(
             SamplingParams.from_config(config.rollout, seed=config.run.seed + step), max_new_tokens=cfg.max_new_tokens
@@ -245,7 +249,7 @@ def run(config: Config) -> None:
         caption = torch.tensor([s.caption_score for s in samples if s.format_valid] or [0.0])
         cot = torch.tensor([s.cot_score for s in samples if s.format_valid] or [0.0])
         return {
-            **periodic_validation(ctx, engine, step, cfg.eval_every, val_params),
+            **periodic_validation(ctx, engine, step, cfg.eval_every, val_params, drift),
             **rollout_metrics(samples),
             "reward/caption_score_mean": caption.mean().item(),
             "reward/caption_score_std": caption.std(correction=0).item(),
@@ -280,9 +284,10 @@ def run(config: Config) -> None:
             "actor/pg_loss",
         ),
         on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
-        before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
+        before_training=(lambda: validation(ctx, engine, val_params, drift)) if cfg.val_before_train else None,
     )
     record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine, val_params)}
+    record_drift(ctx, STAGE, record, policy.handle, discriminator.handle, "align (the one this stage trained)")
     record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
     record[DISCRIMINATOR_HF] = str(save_hf(discriminator.handle, ctx.stage_dir("hf", "align_discriminator")))
     finish_stage(ctx, STAGE, record)

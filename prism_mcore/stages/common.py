@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -66,6 +67,7 @@ class RunContext:
     metrics: MetricsLogger
     data_stats: dict[str, DataStats] = field(default_factory=dict)
     eval_prompts: dict[str, PromptSet] = field(default_factory=dict)
+    eval_samples: dict[str, list[Sample]] = field(default_factory=dict)  # rank 0: the last evaluation's responses
     released_engines: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # holding no memory now
 
     @property
@@ -209,8 +211,10 @@ def _judged(sample: Sample) -> None:
         raise DataError(INVALID_VALUE, str(error), field="data_source") from None
 
 
-def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -> PromptSet:
+def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool, keep_teacher: bool = False) -> PromptSet:
     """Alignment/RL/evaluation prompts, validated under `data.on_error` (counts kept per file) and built per step.
+
+    Teacher texts are kept when required, or with `keep_teacher` when a row has them (evaluation: the drift report).
 
     Rank 0 validates every row once and shares the usable rows (or the error that stopped it) with the other ranks.
     """
@@ -220,11 +224,12 @@ def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -
         path, require_teacher=require_teacher, max_row_bytes=data.max_row_bytes, image_limits=image_limits
     )
     builder = SampleBuilder(ctx.tokenizer, ctx.builder.images, ctx.builder.limits, DataStats())
+    with_teacher = require_teacher or keep_teacher
     outcome: Any = None
     if ctx.is_main:
         try:
             outcome = (
-                PromptSet.validate(reader, builder, ctx.config.data.on_error, _judged, require_teacher).rows,
+                PromptSet.validate(reader, builder, ctx.config.data.on_error, _judged, with_teacher).rows,
                 builder.stats,
             )
         except DataError as error:
@@ -241,7 +246,7 @@ def load_prompts(ctx: RunContext, path: str, name: str, require_teacher: bool) -
     log.info("%s prompts (%s): %s", name, path, stats.summary())
     if not rows:
         raise DataError(NO_USABLE_ROWS, f"no usable prompt ({stats.summary()})", file=path)
-    return PromptSet(reader, builder, rows, require_teacher)
+    return PromptSet(reader, builder, rows, with_teacher)
 
 
 def broadcast_samples(ctx: RunContext, samples: list[Sample] | None) -> list[Sample]:
@@ -328,8 +333,11 @@ def evaluate(
     split: str,
     params: SamplingParams | None = None,
 ) -> dict[str, float]:
-    """Accuracy, format-valid rate and reward with the verifiable reward (rank 0 generates; shared with all), sampled
-    with `params` (default: greedy, up to `rollout.max_new_tokens`)."""
+    """Accuracy, format-valid rate and reward with the verifiable reward, and the drift report's perception and style
+    figures (`stages.drift.response_drift`); rank 0 generates, keeps the responses in `ctx.eval_samples[split]`, and
+    shares the figures with all. Sampled with `params` (default: greedy, up to `rollout.max_new_tokens`)."""
+    from prism_mcore.stages.drift import response_drift  # the drift module builds on this one
+
     result = None
     if ctx.is_main:
         start = time.time()
@@ -348,7 +356,9 @@ def evaluate(
             "format_valid": sum(s.format_valid for s in samples) / len(samples),
             "reward": sum(s.reward for s in samples) / len(samples),
             "num_prompts": len(samples),
+            **response_drift(samples, ctx.builder.encode),
         }
+        ctx.eval_samples[split] = samples
         log.info(
             "eval %s: accuracy %.3f, format-valid %.3f (%d prompts, %.1fs)",
             split,
@@ -373,24 +383,43 @@ def eval_prompts(ctx: RunContext, split: str) -> PromptSet:
     """The first `data.max_eval_prompts` prompts of the `val` or `test` split (validated once per run)."""
     if split not in ctx.eval_prompts:
         path = ctx.config.data.val_path if split == "val" else ctx.config.data.test_path
-        prompts = load_prompts(ctx, path, split, require_teacher=False)
+        prompts = load_prompts(ctx, path, split, require_teacher=False, keep_teacher=True)
         ctx.eval_prompts[split] = prompts.head(ctx.config.data.max_eval_prompts)
     return ctx.eval_prompts[split]
 
 
 def periodic_validation(
-    ctx: RunContext, engine: RolloutEngine | None, step: int, every: int, params: SamplingParams | None = None
+    ctx: RunContext,
+    engine: RolloutEngine | None,
+    step: int,
+    every: int,
+    params: SamplingParams | None = None,
+    drift: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, float]:
-    """Accuracy and format-valid rate on the validation split after every `every`-th step (`val/*`)."""
+    """The validation split's `val/*` metrics after every `every`-th step (see `validation`)."""
     if not every or (step + 1) % every:
         return {}
-    return validation(ctx, engine, params)
+    return validation(ctx, engine, params, drift)
 
 
-def validation(ctx: RunContext, engine: RolloutEngine | None, params: SamplingParams | None) -> dict[str, float]:
-    """The validation split's `val/*` metrics now (e.g. before training: `val_before_train`)."""
+def validation(
+    ctx: RunContext,
+    engine: RolloutEngine | None,
+    params: SamplingParams | None,
+    drift: Callable[[], dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """The validation split's `val/*` metrics now (e.g. before training: `val_before_train`): accuracy, format-valid
+    rate and the drift report, with `drift()`'s model-based figures (teacher NLL, D gap; a collective) after the
+    evaluation. A figure with nothing to measure (NaN, e.g. the accuracy among exact captions when none is) is left
+    out."""
     result = evaluate(ctx, engine, eval_prompts(ctx, "val"), "val", params)
-    return {f"val/{name}": value for name, value in result.items() if name != "num_prompts"}
+    if drift is not None:
+        result.update(drift())
+    return {
+        f"val/{name}": value
+        for name, value in result.items()
+        if name != "num_prompts" and not (isinstance(value, float) and math.isnan(value))
+    }
 
 
 def dp_share(ctx: RunContext, items: list) -> list:

@@ -21,7 +21,7 @@ import torch
 
 from prism_mcore.algorithms import collect_informative_groups, group_ids_from_uids, grpo_advantage, overlong_penalty
 from prism_mcore.config.schema import Config
-from prism_mcore.models import build_policy, save_hf
+from prism_mcore.models import build_discriminator, build_policy, save_hf
 from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
 from prism_mcore.stages.common import (
@@ -45,6 +45,7 @@ from prism_mcore.stages.common import (
     validation,
     validation_params,
 )
+from prism_mcore.stages.drift import latest_discriminator, model_drift, record_drift
 from prism_mcore.training.forward import policy_forward
 
 STAGE = "rlvr"
@@ -98,6 +99,9 @@ def run(config: Config) -> None:
     total_steps = cfg.steps if batch_cap is None or cfg.dynamic_sampling else min(cfg.steps, batch_cap)
     val_params = validation_params(cfg, seed=config.run.seed)
 
+    def drift() -> dict[str, float]:
+        return model_drift(ctx, policy.handle)
+
     def generate(step: int, prompt_batch: int, batch_size: int) -> list[Sample]:
         params = dataclasses.replace(
             SamplingParams.from_config(config.rollout, seed=config.run.seed + 7919 * step + prompt_batch),
@@ -145,7 +149,7 @@ def run(config: Config) -> None:
         result = policy.step(policy_step, policy_microbatches(ctx, samples, cfg.max_tokens_per_microbatch))
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         return {
-            **periodic_validation(ctx, engine, step, cfg.eval_every, val_params),
+            **periodic_validation(ctx, engine, step, cfg.eval_every, val_params, drift),
             **rollout_metrics(samples),
             **sampling_metrics,
             "reward/mean": rewards.mean().item(),
@@ -165,8 +169,13 @@ def run(config: Config) -> None:
         log_keys=("reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio", "actor/pg_loss"),
         state=state,
         on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
-        before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
+        before_training=(lambda: validation(ctx, engine, val_params, drift)) if cfg.val_before_train else None,
     )
     record = {"steps": steps_done, "eval": evaluate_splits(ctx, engine, val_params)}
+    # The score gap needs a discriminator: the latest one this run exported, loaded for this measurement only.
+    d_path = latest_discriminator(ctx, STAGE)
+    discriminator = None if d_path is None else build_discriminator(config.model, config.parallel, path=d_path)
+    which_d = d_path or "none (no stage of this run trained one)"
+    record_drift(ctx, STAGE, record, policy.handle, discriminator, which_d)
     record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
     finish_stage(ctx, STAGE, record)

@@ -37,6 +37,7 @@ from prism_mcore.stages.common import (
     start_stage,
     token_budget,
 )
+from prism_mcore.stages.drift import record_drift
 from prism_mcore.training.forward import TokenBatch, sft_forward, token_batch
 from prism_mcore.training.step import forward_metrics
 
@@ -127,4 +128,5 @@ def run(config: Config) -> None:
     export = save_hf(policy, ctx.stage_dir("hf", STAGE))
     record[POLICY_HF] = str(export)
     record["eval"] = evaluate_splits(ctx, make_engine(ctx, str(export)))
+    record_drift(ctx, STAGE, record, policy, None, "none yet (the first discriminator is trained after SFT)")
     finish_stage(ctx, STAGE, record)
