@@ -3,8 +3,9 @@
 Commands: `run` executes the stages listed in `run.stages` in order (the whole PRISM pipeline by default) and ends
 with the table of accuracy per stage and the training-curve plot; `sft`, `warmup`, `align`, `rlvr` run one stage;
 `config` prints the resolved config; `recipes` lists the named recipes and the released recipe files;
-`report DIR` prints a run's table again (finished or not); `compare BASELINE_DIR PRISM_DIR` sets two runs' final
-accuracies side by side.
+`report DIR` prints a run's tables again (finished or not); `compare BASELINE_DIR PRISM_DIR` sets two runs' final
+accuracies and drift side by side, and `compare --seeds-root ROOT` gives their mean and spread over the seed runs
+under ROOT.
 
 Before any stage starts, the config is checked (every value in range, token budgets that hold a sample, settings
 this machine can run, every configured model and data path present) and the resolved config (embedded-default
@@ -65,9 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("recipes", help=f"list the named recipes and the released recipe files ({RECIPE_DIR.name}/)")
     report = commands.add_parser("report", help="print a run's per-stage table and write its plot")
     report.add_argument("run_dir")
-    compare = commands.add_parser("compare", help="final accuracies of an SFT->RLVR and an SFT->PRISM->RLVR run")
-    compare.add_argument("baseline_dir")
-    compare.add_argument("prism_dir")
+    compare = commands.add_parser(
+        "compare", help="final accuracies and drift of an SFT->RLVR and an SFT->PRISM->RLVR run, or over seeds"
+    )
+    compare.add_argument("baseline_dir", nargs="?")
+    compare.add_argument("prism_dir", nargs="?")
+    compare.add_argument("--seeds-root", help="a folder of seed<N>/baseline and seed<N>/prism runs: mean and spread")
     return parser
 
 
@@ -213,8 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         from prism_mcore import report
 
         try:
-            text = report.finalize(args.run_dir) if args.command == "report" else report.comparison(
-                args.baseline_dir, args.prism_dir)  # fmt: skip
+            if args.command == "report":
+                text = report.finalize(args.run_dir)
+            elif args.seeds_root:
+                text = report.seed_comparison(args.seeds_root)
+            elif args.baseline_dir and args.prism_dir:
+                text = report.comparison(args.baseline_dir, args.prism_dir)
+            else:
+                raise FileNotFoundError("compare needs BASELINE_DIR PRISM_DIR, or --seeds-root ROOT")
         except FileNotFoundError as err:
             return user_error(err, USER_ERROR)
         print(text)

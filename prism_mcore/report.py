@@ -10,6 +10,7 @@ it got, and a run with no finished stage shows just those rows.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,81 @@ def comparison(baseline_dir: str | Path, prism_dir: str | Path) -> str:
     for heading, name in DRIFT_COLUMNS:
         rows.append(f"{heading:27s} | {_value(runs[0][1]['val'], name, 11)} | {_value(runs[1][1]['val'], name, 20)}")
     return "\n".join(rows)
+
+
+SEED_FIGURES = (("test acc", "test", "accuracy"), ("val acc", "val", "accuracy")) + tuple(
+    (heading, "val", name) for heading, name in DRIFT_COLUMNS
+)
+ARMS = (("SFT -> RLVR", "baseline"), ("SFT -> PRISM -> RLVR", "prism"))
+
+
+def seed_runs(root: str | Path) -> dict[str, dict[str, Path]]:
+    """The `seed<N>/{baseline,prism}` run folders under `root` (what `run_prism.sh --compare --seeds K` writes), by
+    seed folder name; a seed whose two runs have not both finished is left out."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder of seed runs (no such directory)")
+    found = {}
+    for folder in sorted(root.glob("seed*")):
+        runs = {arm: folder / arm for _, arm in ARMS}
+        if all((run / "summary.json").exists() for run in runs.values()):
+            found[folder.name] = runs
+    if not found:
+        raise FileNotFoundError(f"{root} holds no seed<N>/baseline and seed<N>/prism runs with a summary.json")
+    return found
+
+
+def _spread(values: list[float]) -> str:
+    """`mean ± sample std (n)`; without the spread for one value, `-` for none."""
+    if not values:
+        return f"{'-':>21s}"
+    spread = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "  -  "
+    return f"{statistics.mean(values):6.3f} ± {spread} ({len(values)})"
+
+
+def seed_comparison(root: str | Path) -> str:
+    """Mean and spread over seeds of both arms' final test/val accuracy and drift figures, and of their per-seed
+    difference (PRISM minus baseline); writes `<root>/compare_seeds.png` with every seed's value."""
+    runs = seed_runs(root)
+    figures: dict[str, dict[str, list[float | None]]] = {heading: {} for heading, _, _ in SEED_FIGURES}
+    for arms in runs.values():
+        finals = {arm: final_eval(path) for arm, path in arms.items()}
+        for heading, split, name in SEED_FIGURES:
+            for _, arm in ARMS:
+                figures[heading].setdefault(arm, []).append(finals[arm].get(split, {}).get(name))
+    width = 21
+    rows = [
+        f"{len(runs)} seeds ({', '.join(runs)}): mean ± sample std (seeds with a value)",
+        f"{'figure':12s} | {ARMS[0][0]:>{width}s} | {ARMS[1][0]:>{width}s} | {'PRISM - baseline':>{width}s}",
+        "-+-".join(["-" * 12] + ["-" * width] * 3),
+    ]
+    for heading, _, _ in SEED_FIGURES:
+        base, prism = figures[heading]["baseline"], figures[heading]["prism"]
+        differences = [p - b for b, p in zip(base, prism, strict=True) if b is not None and p is not None]
+        cells = [_spread([v for v in values if v is not None]) for values in (base, prism, differences)]
+        rows.append(f"{heading:12s} | " + " | ".join(cells))
+    plot = _plot_seeds(figures, Path(root) / "compare_seeds.png")
+    return "\n".join(rows) + f"\n\nplot: {plot}"
+
+
+def _plot_seeds(figures: dict[str, dict[str, list[float | None]]], png_path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [heading for heading in ("test acc", "cap F1", "cap exact", "T cap NLL", "T CoT NLL") if heading in figures]
+    fig, axes = plt.subplots(1, len(shown), figsize=(2.8 * len(shown), 3.0), squeeze=False)
+    for axis, heading in zip(axes[0], shown, strict=True):
+        for position, (_, arm) in enumerate(ARMS):
+            values = [v for v in figures[heading][arm] if v is not None]
+            axis.scatter([position] * len(values), values, alpha=0.6)
+            if values:
+                axis.hlines(statistics.mean(values), position - 0.25, position + 0.25, color="black")
+        axis.set_xticks(range(len(ARMS)), ["SFT->RLVR", "+PRISM"], fontsize=8)
+        axis.set_title(heading, fontsize=9)
+        axis.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -203,3 +203,41 @@ def test_drift_table_comparison_and_plot(tmp_path) -> None:
     assert [cell.strip() for cell in f1.split("|")[1:]] == ["0.500", "0.625"]
     assert plot_drift(SUMMARY, tmp_path / "drift.png").stat().st_size > 0
     assert plot_drift({"stages": {}}, tmp_path / "none.png") is None
+
+
+def _final(test_accuracy: float, caption_f1: float | None) -> dict:
+    return {
+        "stages": {
+            "rlvr": {
+                "eval": {
+                    "val": {"accuracy": 0.5, "format_valid": 1.0, "caption_f1": caption_f1},
+                    "test": {"accuracy": test_accuracy, "format_valid": 1.0},
+                }
+            }
+        }
+    }
+
+
+def test_seed_comparison_means_and_spreads(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from prism_mcore.cli import main
+
+    # Three seeds; the third PRISM run has no caption F1 (a real-data run without a checker or teacher).
+    arms = {"seed1": (0.2, 0.5, 0.3, 0.6), "seed2": (0.4, 0.5, 0.6, 0.7), "seed3": (0.3, 0.5, 0.3, None)}
+    for seed, (base_acc, base_f1, prism_acc, prism_f1) in arms.items():
+        for arm, summary in (("baseline", _final(base_acc, base_f1)), ("prism", _final(prism_acc, prism_f1))):
+            (tmp_path / seed / arm).mkdir(parents=True)
+            (tmp_path / seed / arm / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "seed4" / "prism").mkdir(parents=True)  # unfinished: left out
+    assert main(["compare", "--seeds-root", str(tmp_path)]) == 0
+    rows = {
+        row.split("|")[0].strip(): [c.strip() for c in row.split("|")[1:]]
+        for row in capsys.readouterr().out.splitlines()
+        if "|" in row
+    }
+    # test acc: baseline 0.2, 0.4, 0.3 (mean 0.3, sd 0.1); PRISM 0.3, 0.6, 0.3 (mean 0.4, sd 0.1732); diff 0.1, 0.2, 0.
+    assert rows["test acc"] == ["0.300 ± 0.100 (3)", "0.400 ± 0.173 (3)", "0.100 ± 0.100 (3)"]
+    assert rows["cap F1"] == ["0.500 ± 0.000 (3)", "0.650 ± 0.071 (2)", "0.150 ± 0.071 (2)"]
+    assert rows["D gap cap"] == ["-", "-", "-"]
+    assert (tmp_path / "compare_seeds.png").stat().st_size > 0
+    assert main(["compare", "--seeds-root", str(tmp_path / "seed4")]) == 2
+    assert main(["compare"]) == 2
