@@ -21,31 +21,17 @@ import torch
 
 from prism_mcore.algorithms import collect_informative_groups, group_ids_from_uids, grpo_advantage, overlong_penalty
 from prism_mcore.config.schema import Config
+from prism_mcore.data.batching import batch_for_step
 from prism_mcore.models import build_policy, save_hf
 from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
-from prism_mcore.stages.common import (
-    POLICY_HF,
-    DataExhausted,
-    batch_for_step,
-    evaluate_splits,
-    finish_stage,
-    input_checkpoint,
-    load_prompts,
-    make_engine,
-    make_trainable,
-    periodic_validation,
-    policy_loss_config,
-    policy_microbatches,
-    rollout,
-    rollout_metrics,
-    run_steps,
-    start_stage,
-    sync_weights,
-    validation,
-    validation_params,
-)
+from prism_mcore.stages.context import POLICY_HF, finish_stage, input_checkpoint, load_prompts, start_stage
+from prism_mcore.stages.evaluation import evaluate_splits, periodic_validation, validation, validation_params
+from prism_mcore.stages.rollouts import make_engine, rollout, rollout_metrics, sync_weights
 from prism_mcore.training.forward import policy_forward
+from prism_mcore.training.loop import DataExhausted, make_trainable, run_steps
+from prism_mcore.training.loss_config import policy_loss_config
+from prism_mcore.training.sharding import policy_microbatches, token_budget
 
 STAGE = "rlvr"
 
@@ -80,10 +66,10 @@ def run(config: Config) -> None:
     prompts = load_prompts(ctx, config.data.rl_path, "rlvr", require_teacher=False)
     policy_path = input_checkpoint(ctx, STAGE, POLICY_HF)
     policy = make_trainable(
-        ctx,
         build_policy(config.model, config.parallel, path=policy_path),
         cfg.optim,
         cfg.steps,
+        config.parallel,
         offload_when_idle=cfg.offload_idle_states,
     )
     engine = make_engine(ctx, policy_path)
@@ -97,6 +83,7 @@ def run(config: Config) -> None:
     # Without dynamic sampling a step is one batch; the schedule still spans `steps` (verl's total_training_steps).
     total_steps = cfg.steps if batch_cap is None or cfg.dynamic_sampling else min(cfg.steps, batch_cap)
     val_params = validation_params(cfg, seed=config.run.seed)
+    budget = token_budget(config.data, cfg.max_tokens_per_microbatch)
 
     def generate(step: int, prompt_batch: int, batch_size: int) -> list[Sample]:
         params = dataclasses.replace(
@@ -142,7 +129,7 @@ def run(config: Config) -> None:
         advantages = grpo_advantage(rewards, group_ids_from_uids([s.uid for s in samples]))
         for sample, reward, advantage in zip(samples, rewards.tolist(), advantages.tolist(), strict=True):
             sample.reward, sample.advantage = reward, advantage
-        result = policy.step(policy_step, policy_microbatches(ctx, samples, cfg.max_tokens_per_microbatch))
+        result = policy.step(policy_step, policy_microbatches(ctx.builder, ctx.env, samples, budget))
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         return {
             **periodic_validation(ctx, engine, step, cfg.eval_every, val_params),

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from prism_mcore.config import load_recipe
-from prism_mcore.stages.common import DataExhausted, run_steps, validation_params
+from prism_mcore.stages.evaluation import validation_params
 from prism_mcore.stages.rlvr import epoch_batch_cap
+from prism_mcore.training.loop import DataExhausted, run_steps
 from prism_mcore.training.metrics import MetricsLogger, read_metrics
 from prism_mcore.training.resume import CheckpointManager
 
