@@ -35,6 +35,15 @@ class StageRun(Protocol):
     def stage_dir(self, kind: str, stage: str) -> Path: ...
 
 
+class Resumable(Protocol):
+    """A stage's own small state beyond the step (e.g. how far dynamic sampling has read the prompts): saved with
+    each step checkpoint as a JSON-able dict and put back on resume."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class Trainable:
     """A model being trained: its Megatron handle, DDP-wrapped chunks, optimizer and LR schedule."""
@@ -102,7 +111,7 @@ def run_steps(
     save_every: int,
     step_fn: Callable[[int], dict[str, float]],
     log_keys: tuple[str, ...] = (),
-    state: dict[str, Any] | None = None,
+    state: Resumable | None = None,
     on_resume: Callable[[int], None] | None = None,
     before_training: Callable[[], dict[str, float]] | None = None,
 ) -> int:
@@ -110,8 +119,8 @@ def run_steps(
     remaining steps with progress and metrics, save every `save_every` steps and at the end. Returns the number of
     steps done, fewer than `total_steps` when `step_fn` raised `DataExhausted` (after a checkpoint of the last one).
 
-    `state` is the stage's own small JSON-able state beyond the step (e.g. how many generation batches dynamic
-    sampling consumed): saved with each checkpoint and restored in place; `on_resume(step)` runs after a restore.
+    `state` is the stage's own resumable state beyond the step: its `state_dict()` is saved with each checkpoint
+    (under `meta.state`) and handed back to `load_state_dict` on resume; `on_resume(step)` runs after a restore.
     `before_training()` runs on a fresh start only (not on resume); its metrics are logged as step 0.
 
     A step whose metrics report a skipped update (`skipped` or `<model>/skipped` > 0: a non-finite gradient, or
@@ -119,12 +128,12 @@ def run_steps(
     stage stops with `StageFailed` (before saving that step), so a diverged run never reaches `.done`.
     """
 
-    state = {} if state is None else state
     manager = CheckpointManager(ctx.stage_dir("checkpoints", stage), keep_last=ctx.config.run.keep_last)
 
     def save(step: int) -> None:
+        stage_state = state.state_dict() if state is not None else {}
         with all_resident(trainables):
-            manager.save(step, trainables, meta={"state": state, "skipped_steps": skipped_steps})
+            manager.save(step, trainables, meta={"state": stage_state, "skipped_steps": skipped_steps})
 
     start = 0
     skipped_steps = 0
@@ -135,7 +144,8 @@ def run_steps(
         ctx.metrics.truncate(stage, 0)  # a stage killed before its first checkpoint starts over
     else:
         start = record["step"]
-        state.update(record["meta"].get("state", {}))
+        if state is not None:
+            state.load_state_dict(record["meta"].get("state", {}))
         skipped_steps = record["meta"].get("skipped_steps", 0)
         ctx.metrics.truncate(stage, start)
         log.info("%s: resumed from %s (step %d of %d)", stage, manager.root / f"step_{start}", start, total_steps)
