@@ -36,7 +36,7 @@ from prism_mcore.stages.context import (
     log,
     start_stage,
 )
-from prism_mcore.stages.rollouts import make_engine, rollout
+from prism_mcore.stages.rollouts import rollout, rollout_engine
 from prism_mcore.training.forward import warmup_forward
 from prism_mcore.training.loop import make_trainable, run_steps
 from prism_mcore.training.sharding import pair_microbatches, token_budget
@@ -83,9 +83,9 @@ def self_play_pairs(ctx: RunContext, config: Config) -> list[SegmentPair]:
         ]
         ctx.segmenter.segment_samples(samples)
     else:
-        engine = make_engine(ctx, input_checkpoint(ctx, STAGE, POLICY_HF))
         params = dataclasses.replace(SamplingParams.from_config(config.rollout, seed=config.run.seed), n=1)
-        samples = rollout(ctx, engine, prompts, params)
+        with rollout_engine(ctx, input_checkpoint(ctx, STAGE, POLICY_HF)) as engine:
+            samples = rollout(ctx, engine, prompts, params)
         if ctx.is_main:
             responses = [sample.response_ids for sample in samples]
             write_text_atomic(kept, json.dumps({"uids": [prompt.uid for prompt in prompts], "responses": responses}))
