@@ -18,9 +18,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
+from prism_mcore.algorithms.advantages import AdvantageMode
+from prism_mcore.algorithms.policy_loss import POLICY_LOSS_PRESETS, LossAggregation
 from prism_mcore.config.overrides import ConfigError
 
 STAGES = ("sft", "warmup", "align", "rlvr")
+
+# Allowed values that other modules also enumerate are written once. The algorithms' registries give the policy-loss
+# presets, aggregation modes and alignment-advantage modes; the data modules take these three from here.
+PolicyLossPreset = Literal[tuple(POLICY_LOSS_PRESETS)]
+Aggregation = Literal[tuple(mode.value for mode in LossAggregation)]
+AdvantageModeName = Literal[tuple(mode.value for mode in AdvantageMode)]
+OverLength = Literal["filter", "truncate"]  # what happens to an over-long SFT sequence or teacher segment
+OnError = Literal["raise", "skip"]  # what a bad data row does: stop the run, or be counted and skipped
+ImageBackend = Literal["auto", "hf", "dali"]  # image decode: DALI on GPU when installed (auto), or the HF processor
 
 
 @dataclass
@@ -79,12 +90,12 @@ class DataConfig:
     max_eval_prompts: int = 0  # evaluate on the first N prompts of val/test; 0: all
     max_prompt_length: int = 2048
     max_response_length: int = 6144
-    over_length: Literal["filter", "truncate"] = "filter"
-    on_error: Literal["raise", "skip"] = "raise"
+    over_length: OverLength = "filter"
+    on_error: OnError = "raise"
     # A row larger than this (its JSONL line, or its parquet/JSON columns, embedded image bytes included) is refused
     # before it is parsed or tokenized: a `row_too_large` data error, raised or skipped by `on_error`.
     max_row_bytes: int = 32 * 2**20
-    image_backend: Literal["auto", "hf", "dali"] = "auto"
+    image_backend: ImageBackend = "auto"
     max_image_mb: float = 32.0  # one encoded image (file, URL or bytes); paths must be regular files
     image_url_deadline_s: float = 30.0  # a whole http(s) image fetch, however slowly its bytes come
     max_tokens_per_microbatch: int = 8192  # dynamic batch size: token budget per micro-batch and GPU
@@ -144,11 +155,11 @@ class PolicyLossSettings:
     KL are off in every released recipe and are not offered.
     """
 
-    preset: Literal["prism_align", "grpo", "dapo", "gspo"] = "grpo"
+    preset: PolicyLossPreset = "grpo"
     clip_low: float | None = None  # None: the preset's value
     clip_high: float | None = None
     dual_clip: float | None = None  # None: the preset's value; 0 disables the dual clip
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "global-token-mean"] | None = None
+    aggregation: Aggregation | None = None
 
 
 @dataclass
@@ -203,9 +214,7 @@ class AlignConfig:
     cot_weight: float = 0.5
     format_penalty: float = 1.5
     # multi_reward is the released mode; the others combine D's scores with the rule reward (PRISM_SPEC §4 table)
-    advantage_mode: Literal["multi_reward", "sign_align", "rlvr_v2", "rlvr", "gated_align", "acc_gating"] = (
-        "multi_reward"
-    )
+    advantage_mode: AdvantageModeName = "multi_reward"
     score_clip: float = 10.0
     score_reg_coef: float = 0.001
     policy_loss: PolicyLossSettings = field(default_factory=lambda: PolicyLossSettings(preset="prism_align"))

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, overload
+from typing import Any, overload
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from prism_mcore.config.schema import OverLength
 from prism_mcore.data.errors import IMAGE_COUNT_MISMATCH, TOO_LONG, DataError, DataStats, OnError, checked, located
 from prism_mcore.data.images import ImageProcessor
 from prism_mcore.data.prompts import IMAGE_PLACEHOLDER, SYSTEM_PROMPT
@@ -81,7 +82,7 @@ class LengthLimits:
     max_prompt_length: int = 2048
     max_response_length: int = 6144  # also bounds teacher and warmup segments (Decision 1)
     max_sequence_length: int = 8192  # SFT conversations, prompt and targets together
-    over_length: Literal["filter", "truncate"] = "filter"
+    over_length: OverLength = "filter"
 
 
 def mrope_position_ids(

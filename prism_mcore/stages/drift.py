@@ -21,22 +21,14 @@ import torch
 
 from prism_mcore.algorithms import perception_drift
 from prism_mcore.config.schema import STAGES
-from prism_mcore.data.batching import pack_sequences, token_budget_batches
-from prism_mcore.data.samples import SegmentPair, TokenSequence
+from prism_mcore.data.samples import SegmentPair
 from prism_mcore.record import Sample
 from prism_mcore.rewards.caption_check import caption_bullets, caption_text, check_caption
-from prism_mcore.stages.common import (
-    DISCRIMINATOR_HF,
-    RunContext,
-    broadcast_samples,
-    dp_share,
-    eval_prompts,
-    or_filler,
-    token_budget,
-)
-from prism_mcore.stages.warmup import microbatches as pair_microbatches
-from prism_mcore.training.forward import sft_forward, token_batch, warmup_forward
+from prism_mcore.runtime import broadcast_from_main
+from prism_mcore.stages.context import DISCRIMINATOR_HF, RunContext
+from prism_mcore.training.forward import sft_forward, warmup_forward
 from prism_mcore.training.resume import read_stage_done
+from prism_mcore.training.sharding import pair_microbatches, sft_microbatches, token_budget
 from prism_mcore.training.step import forward_metrics
 
 NAN = float("nan")
@@ -68,18 +60,11 @@ def response_drift(samples: list[Sample], encode: Any) -> dict[str, float]:
     return result
 
 
-def _sequence_batches(ctx: RunContext, sequences: list[TokenSequence]) -> list:
-    """This rank's share of `sequences` as token-budget micro-batches with their labels as the loss mask."""
-    mine = dp_share(ctx, sequences)
-    groups = token_budget_batches([len(s) for s in mine], token_budget(ctx))
-    batches = [token_batch(pack_sequences([mine[i] for i in group], share_images=True)) for group in groups]
-    return or_filler(batches, lambda: token_batch(pack_sequences(sequences[:1])))
-
-
 def teacher_nll(ctx: RunContext, policy: Any) -> dict[str, float]:
-    """`teacher_caption_nll` and `teacher_cot_nll` of the validation prompts that carry teacher texts under the
-    policy (a `ModelHandle`, in eval mode for the pass); {} when none does."""
-    samples = [s for s in eval_prompts(ctx, "val")[:] if s.teacher_caption and s.teacher_cot]
+    """`teacher_caption_nll` and `teacher_cot_nll` of the validation prompts (loaded by the evaluation that comes
+    first) that carry teacher texts, under the policy (a `ModelHandle`, in eval mode for the pass); {} when none
+    does."""
+    samples = [s for s in ctx.eval_prompts["val"][:] if s.teacher_caption and s.teacher_cot]
     if not samples:
         return {}
     pairs = [ctx.builder.teacher_response_sequences(sample) for sample in samples]
@@ -87,9 +72,9 @@ def teacher_nll(ctx: RunContext, policy: Any) -> dict[str, float]:
     policy.eval()
     try:
         return {
-            f"teacher_{kind}_nll": forward_metrics(policy.chunks, sft_forward, _sequence_batches(ctx, sequences))[
-                "loss"
-            ]
+            f"teacher_{kind}_nll": forward_metrics(
+                policy.chunks, sft_forward, sft_microbatches(ctx.env, sequences, token_budget(ctx.config.data))
+            )["loss"]
             for kind, sequences in (("caption", [c for c, _ in pairs]), ("cot", [t for _, t in pairs]))
         }
     finally:
@@ -99,9 +84,7 @@ def teacher_nll(ctx: RunContext, policy: Any) -> dict[str, float]:
 def discriminator_gap(ctx: RunContext, discriminator: Any, samples: list[Sample] | None) -> dict[str, float]:
     """`d_gap_caption` and `d_gap_cot`: D's teacher-minus-policy score on rank 0's validation `samples` (shared
     here), format-valid ones with teacher texts; NaN when there are none. `discriminator` is a `ModelHandle`."""
-    samples = [
-        s for s in broadcast_samples(ctx, samples) or [] if s.format_valid and s.teacher_caption and s.teacher_cot
-    ]
+    samples = [s for s in broadcast_from_main(samples) or [] if s.format_valid and s.teacher_caption and s.teacher_cot]
     if not samples:
         return {"d_gap_caption": NAN, "d_gap_cot": NAN}
     loss_step = warmup_forward(0.0, top_k=discriminator.config.moe_router_topk)
@@ -114,9 +97,9 @@ def discriminator_gap(ctx: RunContext, discriminator: Any, samples: list[Sample]
                 SegmentPair(kind, ctx.builder.teacher_segments(s)[position], ctx.builder.student_segments(s)[position])
                 for s in samples
             ]
-            result[f"d_gap_{kind}"] = forward_metrics(discriminator.chunks, loss_step, pair_microbatches(ctx, pairs))[
-                "margin"
-            ]
+            result[f"d_gap_{kind}"] = forward_metrics(
+                discriminator.chunks, loss_step, pair_microbatches(ctx.env, pairs, token_budget(ctx.config.data))
+            )["margin"]
     finally:
         discriminator.train(was_training)
     return result
