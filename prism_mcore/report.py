@@ -145,7 +145,10 @@ def plot_drift(summary: dict[str, Any], png_path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(PLOTTED_DRIFT), figsize=(2.6 * len(PLOTTED_DRIFT), 3.0), squeeze=False)
     for axis, name in zip(axes[0], PLOTTED_DRIFT, strict=True):
         values = [summary["stages"][s]["eval"]["val"].get(name) for s in stages]
-        axis.bar(stages, [float("nan") if v is None else v for v in values], color="tab:blue")
+        # Numeric positions: a stage without the figure keeps its place on the axis, with no bar.
+        axis.bar(range(len(stages)), [float("nan") if v is None else v for v in values], color="tab:blue")
+        axis.set_xticks(range(len(stages)), stages)
+        axis.set_xlim(-0.5, len(stages) - 0.5)
         axis.set_title(name, fontsize=9)
         axis.tick_params(labelsize=8)
         axis.grid(alpha=0.3, axis="y")
