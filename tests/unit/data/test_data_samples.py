@@ -139,6 +139,22 @@ def test_sft_labels_cover_assistant_turns_only(
     assert sequence.input_ids.tolist() == reference["input_ids"][0]
 
 
+def test_teacher_response_sequences_label_the_caption_then_the_cot(
+    builder: SampleBuilder, make_image: Callable[..., bytes]
+) -> None:
+    """The drift report's teacher NLL: one teacher response after the prompt, labelled on one segment at a time."""
+    sample = builder.prompt_sample(record([make_image(64, 64)], teacher_caption=CAPTION + "\n", teacher_cot=COT))
+    caption, cot = builder.teacher_response_sequences(sample)
+    tokenizer = builder.tokenizer
+    assert torch.equal(caption.input_ids, cot.input_ids)
+    assert tokenizer.decode(caption.input_ids[len(sample.prompt_ids) :]) == f"{CAPTION}\n{COT}<|im_end|>"
+    for sequence, text in ((caption, CAPTION), (cot, f"{COT}<|im_end|>")):
+        labelled = sequence.labels != IGNORE_INDEX
+        assert torch.equal(sequence.labels[labelled], sequence.input_ids[labelled])
+        assert tokenizer.decode(sequence.input_ids[labelled]) == text
+    assert not (caption.labels != IGNORE_INDEX)[: len(sample.prompt_ids)].any()
+
+
 def test_teacher_segments_are_scored_at_caption_end_and_im_end(
     builder: SampleBuilder, make_image: Callable[..., bytes]
 ) -> None:
