@@ -105,12 +105,13 @@ def discriminator_gap(ctx: RunContext, discriminator: Any, samples: list[Sample]
     return result
 
 
-def latest_discriminator(ctx: RunContext, stage: str) -> str | None:
-    """The newest discriminator export of a stage before `stage` in this run; None when no stage exported one."""
+def latest_discriminator(ctx: RunContext, stage: str) -> tuple[str, str] | None:
+    """The newest discriminator export of a stage before `stage` in this run, as (that stage, the export's path);
+    None when no stage exported one."""
     for earlier in reversed(STAGES[: STAGES.index(stage)]):
         record = read_stage_done(ctx.run_dir, earlier)
         if record and DISCRIMINATOR_HF in record:
-            return record[DISCRIMINATOR_HF]
+            return earlier, record[DISCRIMINATOR_HF]
     return None
 
 

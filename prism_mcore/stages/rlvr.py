@@ -195,8 +195,11 @@ def run(config: Config) -> None:
         )
         record = {"steps": steps_done, "eval": evaluate_splits(ctx, engine, val_params)}
     # The score gap needs a discriminator: the latest one this run exported, loaded for this measurement only.
-    d_path = latest_discriminator(ctx, STAGE)
-    discriminator = None if d_path is None else build_discriminator(config.model, config.parallel, path=d_path)
-    record_drift(ctx, STAGE, record, policy.handle, discriminator, d_path or "none (no stage of this run trained one)")
+    latest = latest_discriminator(ctx, STAGE)
+    discriminator, which_d = None, "none (no stage of this run trained one)"
+    if latest is not None:
+        discriminator = build_discriminator(config.model, config.parallel, path=latest[1])
+        which_d = f"the {latest[0]} stage's export"
+    record_drift(ctx, STAGE, record, policy.handle, discriminator, which_d)
     record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
     finish_stage(ctx, STAGE, record)

@@ -105,7 +105,7 @@ def test_every_stage_ran_with_finite_metrics(killed_and_resumed: tuple[Path, str
             assert value is not None, (record["stage"], record["step"], key)
             if isinstance(value, float):
                 assert math.isfinite(value), (record["stage"], record["step"], key)
-    align = [r for r in records if r["stage"] == "align"]
+    align = [r for r in records if r["stage"] == "align" and "drift/accuracy" not in r]  # the steps
     for name in ("critic/d_loss", "critic/d_acc", "actor/pg_loss", "reward/caption_score_mean", "actor/entropy"):
         assert all(name in r for r in align), name
     assert [r["step"] for r in align if "val/accuracy" in r] == [2, 4]  # align.eval_every=2
@@ -135,7 +135,7 @@ def test_the_stages_run_at_tensor_parallel_size_two(tmp_path: Path) -> None:
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary["stages"]) == ["sft", "warmup", "align", "rlvr"]
     records = _metrics(run_dir)
-    assert [r["step"] for r in records if r["stage"] == "align"] == [1, 2]
+    assert [r["step"] for r in records if r["stage"] == "align" and "drift/accuracy" not in r] == [1, 2]
     for record in records:
         for key, value in record.items():
             assert value is not None and (not isinstance(value, float) or math.isfinite(value)), (record, key)
