@@ -235,7 +235,7 @@ def _spread(values: list[float]) -> str:
     if not values:
         return f"{'-':>21s}"
     spread = f"{statistics.stdev(values):.3f}" if len(values) > 1 else "  -  "
-    return f"{statistics.mean(values):6.3f} ± {spread} ({len(values)})"
+    return f"{f'{statistics.mean(values):.3f} ± {spread} ({len(values)})':>21s}"
 
 
 def seed_comparison(root: str | Path) -> str:
