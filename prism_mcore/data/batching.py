@@ -2,8 +2,7 @@
 takes (`batch_for_step`: per-epoch shuffles, a pure function of the step).
 
 Dynamic batch size (PRISM_SPEC §4, §5.1: "dynamic batch size on; N tokens per GPU"): `token_budget_batches` groups
-sequences so that each micro-batch stays within a token budget, longest first. A packed micro-batch costs the sum of
-its lengths; a padded one costs its longest length times its size.
+sequences so that each packed micro-batch stays within a token budget (the sum of its lengths), longest first.
 
 Two batch forms, with the same content:
 
@@ -25,7 +24,7 @@ token on the next sequence's first; `PackedBatch.next_token_labels` gives the sh
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -315,25 +314,16 @@ def pad_sequences(sequences: Sequence[TokenSequence], pad_token_id: int) -> Padd
     )
 
 
-def token_budget_batches(lengths: Sequence[int], max_tokens: int, padded: bool = False) -> list[list[int]]:
-    """Group indices of `lengths` into micro-batches of at most `max_tokens` tokens each, longest first.
+def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group indices of `lengths` into packed micro-batches of at most `max_tokens` tokens each, longest first.
 
-    Packed (`padded=False`), a micro-batch costs the sum of its lengths, and sequences go first-fit-decreasing into
-    the first micro-batch with room, which keeps their number close to the minimum. Padded, it costs its longest
-    length times its size, so the length-sorted sequences are cut into consecutive runs.
+    A micro-batch costs the sum of its lengths, and sequences go first-fit-decreasing into the first micro-batch with
+    room, which keeps their number close to the minimum.
     """
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
     if order and lengths[order[0]] > max_tokens:
         raise ValueError(f"a sequence of {lengths[order[0]]} tokens does not fit max_tokens={max_tokens}")
     batches: list[list[int]] = []
-    if padded:
-        for index in order:
-            # In descending order, the first member of the open batch is its longest.
-            if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
-                batches[-1].append(index)
-            else:
-                batches.append([index])
-        return batches
     loads: list[int] = []
     for index in order:
         fitting = next((b for b, load in enumerate(loads) if load + lengths[index] <= max_tokens), None)
@@ -344,30 +334,6 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, padded: bool =
             batches[fitting].append(index)
             loads[fitting] += lengths[index]
     return batches
-
-
-def stream_token_budget_batches(
-    sequences: Iterable[TokenSequence], max_tokens: int, window: int, padded: bool = False
-) -> Iterator[list[TokenSequence]]:
-    """Token-budget micro-batches over a stream: each `window` consecutive sequences are grouped together.
-
-    A window of a few hundred sequences gives micro-batches of similar lengths while keeping the data order
-    (shuffled upstream) random at the scale of an epoch.
-    """
-    buffer: list[TokenSequence] = []
-    for sequence in sequences:
-        buffer.append(sequence)
-        if len(buffer) == window:
-            yield from _group(buffer, max_tokens, padded)
-            buffer = []
-    if buffer:
-        yield from _group(buffer, max_tokens, padded)
-
-
-def _group(buffer: list[TokenSequence], max_tokens: int, padded: bool) -> Iterator[list[TokenSequence]]:
-    lengths = [len(sequence) for sequence in buffer]
-    for indices in token_budget_batches(lengths, max_tokens, padded):
-        yield [buffer[index] for index in indices]
 
 
 def prompt_order(num_prompts: int, seed: int, epoch: int) -> list[int]:

@@ -172,6 +172,7 @@ def run(config: Config) -> None:
             "actor/grad_norm": result.grad_norm,
             "actor/lr": result.lr,
             "actor/skipped": float(result.skipped),
+            "skipped": float(result.skipped),  # as every stage logs it
         }
 
     # One engine for the stage, closed however the stage ends (`step_fn` samples from it).
@@ -189,5 +190,5 @@ def run(config: Config) -> None:
             before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
         )
         record = {"steps": steps_done, "eval": evaluate_splits(ctx, engine, val_params)}
-    record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
+    record[POLICY_HF] = str(save_hf(policy.handle, ctx.run_path("hf", STAGE)))
     finish_stage(ctx, STAGE, record)

@@ -13,7 +13,6 @@ from prism_mcore.data.batching import (
     pack_sequences,
     pack_token_ids,
     pad_sequences,
-    stream_token_budget_batches,
     token_budget_batches,
     unpack_to_padded,
 )
@@ -130,21 +129,9 @@ def test_token_budget_batches_packed_first_fit_decreasing() -> None:
     assert token_budget_batches([5, 3, 8, 2, 6], max_tokens=10) == [[2, 3], [4, 1], [0]]
 
 
-def test_token_budget_batches_padded_costs_longest_times_size() -> None:
-    # 8 alone; 6 alone (2*8 > 10); 5 alone (2*6 > 10); 3 joins 5 (2*5 = 10); 2 starts anew (3*5 > 10).
-    assert token_budget_batches([5, 3, 8, 2, 6], max_tokens=10, padded=True) == [[2], [4], [0, 1], [3]]
-
-
 def test_token_budget_batches_rejects_a_sequence_over_the_budget() -> None:
     with pytest.raises(ValueError, match="11 tokens"):
         token_budget_batches([3, 11], max_tokens=10)
-
-
-def test_stream_token_budget_batches_groups_within_windows() -> None:
-    sequences = [toy([index] * length) for index, length in enumerate([5, 3, 8, 2, 6])]
-    batches = list(stream_token_budget_batches(sequences, max_tokens=10, window=3))
-    # Window [5, 3, 8] -> [8], [5, 3]; window [2, 6] -> [6, 2].
-    assert [[sequence.input_ids[0].item() for sequence in batch] for batch in batches] == [[2], [0, 1], [4, 3]]
 
 
 @pytest.fixture
