@@ -119,7 +119,6 @@ def run(config: Config) -> None:
             "reward/caption_score_std": caption.std(correction=0).item(),
             "reward/cot_score_mean": cot.mean().item(),
             "reward/cot_score_std": cot.std(correction=0).item(),
-            "reward/format_scores_mean": sum(s.format_valid for s in samples) / len(samples),
             "advantage_mean": advantages.mean().item(),
             **{f"critic/{k}": v for k, v in d_result.metrics.items()},
             "critic/grad_norm": d_result.grad_norm,
@@ -129,6 +128,7 @@ def run(config: Config) -> None:
             "actor/grad_norm": p_result.grad_norm,
             "actor/lr": p_result.lr,
             "actor/skipped": float(p_result.skipped),
+            "skipped": float(d_result.skipped or p_result.skipped),  # as every stage logs it
             **work_counters(ctx.env, d_batches, d_result, p_batches, p_result),
         }
 
@@ -154,6 +154,6 @@ def run(config: Config) -> None:
         )
         record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine, val_params)}
     record_drift(ctx, STAGE, record, policy.handle, discriminator.handle, "align (the one this stage trained)")
-    record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
-    record[DISCRIMINATOR_HF] = str(save_hf(discriminator.handle, ctx.stage_dir("hf", "align_discriminator")))
+    record[POLICY_HF] = str(save_hf(policy.handle, ctx.run_path("hf", STAGE)))
+    record[DISCRIMINATOR_HF] = str(save_hf(discriminator.handle, ctx.run_path("hf", "align_discriminator")))
     finish_stage(ctx, STAGE, record)

@@ -177,6 +177,7 @@ def run(config: Config) -> None:
             "actor/grad_norm": result.grad_norm,
             "actor/lr": result.lr,
             "actor/skipped": float(result.skipped),
+            "skipped": float(result.skipped),  # as every stage logs it
         }
 
     # One engine for the stage, closed however the stage ends (`step_fn` samples from it).
@@ -201,5 +202,5 @@ def run(config: Config) -> None:
         discriminator = build_discriminator(config.model, config.parallel, path=latest[1])
         which_d = f"the {latest[0]} stage's export"
     record_drift(ctx, STAGE, record, policy.handle, discriminator, which_d)
-    record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
+    record[POLICY_HF] = str(save_hf(policy.handle, ctx.run_path("hf", STAGE)))
     finish_stage(ctx, STAGE, record)

@@ -107,7 +107,7 @@ def run(config: Config) -> None:
     record = {"steps": total_steps, "conversations_built": stats.summary()}
     if heldout_batches:
         record["val_loss"] = validation_loss()
-    export = save_hf(policy, ctx.stage_dir("hf", STAGE))
+    export = save_hf(policy, ctx.run_path("hf", STAGE))
     record[POLICY_HF] = str(export)
     with rollout_engine(ctx, str(export)) as engine:
         record["eval"] = evaluate_splits(ctx, engine)

@@ -74,7 +74,7 @@ def self_play_pairs(ctx: RunContext, config: Config) -> list[SegmentPair]:
     prompts = batch_for_step(prompts, 0, min(config.warmup.self_play_pairs, len(prompts)), config.run.seed)
     # A restarted warmup must train on the same pairs (and hold out the same ones): the responses are kept in the
     # run folder, since GPU and SGLang sampling do not repeat bit for bit.
-    kept = ctx.stage_dir("stages", "warmup_self_play.json")
+    kept = ctx.run_path("stages", "warmup_self_play.json")
     record = json.loads(kept.read_text()) if kept.exists() else None
     if record is not None and record["uids"] == [prompt.uid for prompt in prompts]:
         samples = [
@@ -162,7 +162,7 @@ def run(config: Config) -> None:
     )
     accuracy_after = heldout_accuracy()
     log.info("warmup: held-out pairwise accuracy %.3f -> %.3f", accuracy_before, accuracy_after)
-    export = save_hf(discriminator, ctx.stage_dir("hf", STAGE))
+    export = save_hf(discriminator, ctx.run_path("hf", STAGE))
     finish_stage(
         ctx,
         STAGE,
