@@ -117,6 +117,10 @@ class RolloutConfig:
     # each generation, resumed before the next weight sync or generation (/release_ and /resume_memory_occupation).
     offload_during_training: bool = False
     tis_cap: float = 0.0  # truncated importance-sampling cap for rollout/trainer mismatch; 0 disables it
+    # Debugging (rollout/replay.py): write every generate call's completions under <dump_dir>/<stage>/, or train from
+    # such a folder without generating (a run with the dumped run's config and data reproduces its metrics).
+    dump_dir: str = ""
+    replay_dir: str = ""
 
 
 @dataclass
@@ -409,6 +413,8 @@ def check_ranges(config: Config) -> None:
             raise ConfigError(f"{key}={value} is out of range: must be {expectation}")
     if not config.run.stages:
         raise ConfigError(f"run.stages is empty: list at least one of {', '.join(STAGES)}")
+    if config.rollout.dump_dir and config.rollout.replay_dir:
+        raise ConfigError("rollout.dump_dir and rollout.replay_dir are both set: a replay generates nothing to dump")
     for stage in (config.align, config.rlvr):
         samples = stage.prompts_per_step * config.rollout.n
         if stage.updates_per_rollout > samples:

@@ -66,6 +66,7 @@ class RunContext:
     metrics: MetricsLogger
     data_stats: dict[str, DataStats] = field(default_factory=dict)
     eval_prompts: dict[str, PromptSet] = field(default_factory=dict)
+    stage: str = ""  # the stage running now (`start_stage`)
     released_engines: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # holding no memory now
 
     @property
@@ -170,6 +171,7 @@ def start_stage(config: Config, stage: str) -> RunContext | None:
         log.info("%s: already done, skipped", stage)
         return None
     seed_everything(config.run.seed, stage)
+    ctx.stage = stage
     return ctx
 
 
@@ -297,12 +299,18 @@ def sync_weights(ctx: RunContext, policy: Any, engine: RolloutEngine | None, ver
 
 
 def make_engine(ctx: RunContext, policy_path: str, weight_version: int = 0) -> RolloutEngine | None:
-    """The rollout engine (rank 0 only: it generates for everyone)."""
+    """The rollout engine (rank 0 only: it generates for everyone); dumping or replaying the stage's calls under
+    `rollout.dump_dir` / `rollout.replay_dir` when set."""
     if not ctx.is_main:
         return None
     device = ctx.env.device if ctx.env.device.type == "cuda" else "cpu"
     return build_rollout_engine(
-        ctx.config.rollout, policy_path, run_dir=ctx.run_dir, device=device, weight_version=weight_version
+        ctx.config.rollout,
+        policy_path,
+        run_dir=ctx.run_dir,
+        device=device,
+        weight_version=weight_version,
+        stage=ctx.stage,
     )
 
 
