@@ -150,3 +150,12 @@ def test_the_config_picks_the_wrapper_per_stage(tmp_path: Path) -> None:
         RolloutConfig(replay_dir=str(tmp_path / "dump")), "/no/checkpoint", run_dir=tmp_path, stage="rlvr"
     )
     assert isinstance(replay, ReplayEngine) and replay.directory == tmp_path / "dump" / "rlvr"  # no model loaded
+
+
+def test_dumping_and_replaying_at_once_is_refused() -> None:
+    from prism_mcore.config import ConfigError, apply_overrides, load_recipe
+    from prism_mcore.config.schema import check_ranges
+
+    config = apply_overrides(load_recipe("embedded"), ["rollout.dump_dir=a", "rollout.replay_dir=b"])
+    with pytest.raises(ConfigError, match="^rollout.dump_dir and rollout.replay_dir are both set"):
+        check_ranges(config)
