@@ -9,6 +9,14 @@ The algorithms differ only in parameters, so they are one function with a `Polic
 | `dapo`        | 0.2 / 0.28    | 10.0        | token    | token-mean           |
 | `gspo`        | 3e-4 / 4e-4   | none        | sequence | seq-mean-token-mean  |
 
+What is active when. The clip (low/high) and the dual clip act only where the ratio pi/pi_old differs from 1: with
+one optimizer step per rollout batch (`updates_per_rollout = 1`, every released recipe) pi_old is the very policy
+being updated, the ratio is exactly 1 on every token, `pg_clipfrac` is 0 and each preset reduces to the plain
+policy gradient `-A * logp` (aggregated as the table says). They bind from the second of several updates per rollout
+batch (`updates_per_rollout > 1`, `training/updates.py`), or when the old log-probs are not those of the weights
+being trained. TIS is the exception: it compares pi_old with the rollout engine's own log-probs, so it acts (as a
+correction of the engine's numerics) whatever the number of updates.
+
 Token ratio (vanilla PPO): `r = exp(clamp(logp - old, -20, 20))`, `Lc = max(-A*r, -A*clip(r, 1-eps_lo, 1+eps_hi))`,
 and the dual clip `L = min(Lc, -A*c)` where A < 0.
 Sequence ratio (GSPO): `log s_i = mean_t(logp - old)` over the response, per-token surrogate

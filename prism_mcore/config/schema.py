@@ -128,6 +128,10 @@ class RolloutConfig:
     # each generation, resumed before the next weight sync or generation (/release_ and /resume_memory_occupation).
     offload_during_training: bool = False
     tis_cap: float = 0.0  # truncated importance-sampling cap for rollout/trainer mismatch; 0 disables it
+    # Debugging (rollout/replay.py): write every generate call's completions under <dump_dir>/<stage>/, or train from
+    # such a folder without generating (a run with the dumped run's config and data reproduces its metrics).
+    dump_dir: str = ""
+    replay_dir: str = ""
 
 
 @dataclass
@@ -152,7 +156,8 @@ class PolicyLossSettings:
 
     Presets (algorithms/policy_loss.py): `prism_align` and `grpo` (clip 0.2/0.2, dual clip 3, token-mean), `dapo`
     (0.2/0.28, dual clip 10, token-mean), `gspo` (sequence ratio, 3e-4/4e-4, seq-mean-token-mean). Entropy bonus and
-    KL are off in every released recipe and are not offered.
+    KL are off in every released recipe and are not offered. The clips bind only with `updates_per_rollout` > 1 (one
+    update per rollout batch keeps the ratio at 1).
     """
 
     preset: PolicyLossPreset = "grpo"
@@ -216,6 +221,9 @@ class AlignConfig:
     score_clip: float = 10.0
     score_reg_coef: float = 0.001
     policy_loss: PolicyLossSettings = field(default_factory=lambda: PolicyLossSettings(preset="prism_align"))
+    # Policy optimizer steps per rollout batch (training/updates.py); 1 is the released setting (ratio 1, no clipping).
+    # D takes one step per rollout batch whatever this is (PRISM_SPEC §3.2 step 5: ppo_epochs=1).
+    updates_per_rollout: int = 1
     policy_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
     # Between its own updates, each model keeps only its weights on the GPU: gradients and optimizer state wait in
     # host memory while the other model trains (training/offload.py; tools/memory_plan.py shows what it saves).
@@ -248,6 +256,8 @@ class RLVRConfig:
     overlong_penalty_factor: float = 1.0
     offload_idle_states: bool = False  # gradients and optimizer state in host memory during rollouts
     policy_loss: PolicyLossSettings = field(default_factory=PolicyLossSettings)
+    # Optimizer steps per rollout batch (training/updates.py); 1 is the released setting (ratio 1, no clipping).
+    updates_per_rollout: int = 1
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, weight_decay=0.01))
 
 
@@ -342,6 +352,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "align.format_penalty": _at_least(0),
     "align.score_clip": _above(0),
     "align.score_reg_coef": _at_least(0),
+    "align.updates_per_rollout": _at_least(1),
     "rlvr.steps": _at_least(1),
     "rlvr.prompts_per_step": _at_least(1),
     "rlvr.max_new_tokens": _at_least(1),
@@ -352,6 +363,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "rlvr.max_generation_batches": _at_least(1),
     "rlvr.overlong_buffer": _at_least(0),
     "rlvr.overlong_penalty_factor": _at_least(0),
+    "rlvr.updates_per_rollout": _at_least(1),
     **{
         f"{section}.{name}": rule
         for section in OPTIM_SECTIONS
@@ -406,6 +418,16 @@ def check_ranges(config: Config) -> None:
             raise ConfigError(f"{key}={value} is out of range: must be {expectation}")
     if not config.run.stages:
         raise ConfigError(f"run.stages is empty: list at least one of {', '.join(STAGES)}")
+    if config.rollout.dump_dir and config.rollout.replay_dir:
+        raise ConfigError("rollout.dump_dir and rollout.replay_dir are both set: a replay generates nothing to dump")
+    for stage in (config.align, config.rlvr):
+        samples = stage.prompts_per_step * config.rollout.n
+        if stage.updates_per_rollout > samples:
+            name = "align" if stage is config.align else "rlvr"
+            raise ConfigError(
+                f"{name}.updates_per_rollout={stage.updates_per_rollout} is more than the {samples} samples of a "
+                f"rollout batch ({name}.prompts_per_step x rollout.n): each update needs at least one"
+            )
 
 
 def check_token_budgets(config: Config, stages: Sequence[str]) -> None:

@@ -6,6 +6,8 @@
   release/resume around training) or on other nodes (`"distributed"` through a process group, or `"disk"`).
 - `python -m prism_mcore.rollout.server`: an SGLang-protocol server backed by LocalEngine, to develop and test the
   SGLang path where SGLang cannot run.
+- `DumpingEngine` / `ReplayEngine` (`replay.py`): record every call's completions (`rollout.dump_dir`), or serve
+  them back without generating (`rollout.replay_dir`).
 
 `build_rollout_engine` turns the run's `RolloutConfig` into the engine.
 """
@@ -24,6 +26,7 @@ from prism_mcore.hf_checkpoint import read_hf_weights
 from prism_mcore.rollout.base import RolloutEngine, RolloutError, SamplingParams, config_vision_token_ids
 from prism_mcore.rollout.endpoint import RetryPolicy
 from prism_mcore.rollout.local import LocalEngine
+from prism_mcore.rollout.replay import DumpingEngine, ReplayEngine, ReplayError
 from prism_mcore.rollout.sglang_engine import SGLangEngine
 from prism_mcore.rollout.weight_sync import (
     DiskWeightSync,
@@ -36,7 +39,10 @@ from prism_mcore.rollout.weight_sync import (
 __all__ = [
     "DiskWeightSync",
     "DistributedWeightSync",
+    "DumpingEngine",
     "LocalEngine",
+    "ReplayEngine",
+    "ReplayError",
     "RetryPolicy",
     "RolloutEngine",
     "RolloutError",
@@ -96,14 +102,32 @@ def build_rollout_engine(
     device: str | torch.device = "cpu",
     weight_version: int = 0,
     load_checkpoint: bool = True,
+    stage: str = "",
 ) -> RolloutEngine:
     """The engine `config.engine` names, serving the policy checkpoint at `policy_path` (labelled `weight_version`).
+
+    With `config.replay_dir`, a `ReplayEngine` on `<replay_dir>/<stage>` instead (no model is loaded); with
+    `config.dump_dir`, the engine wrapped in a `DumpingEngine` writing to `<dump_dir>/<stage>`.
 
     An SGLang engine waits until every server in `config.server_urls` is ready (`server_ready_timeout_s`), then
     (with `load_checkpoint`) loads `policy_path`'s weights into them through the configured weight sync: the servers
     may have been started from any checkpoint of the same architecture (the run's first, or an earlier stage's),
     and each stage's engine still samples from the checkpoint that stage starts from.
     """
+    if config.replay_dir:
+        return ReplayEngine(Path(config.replay_dir) / stage, weight_version=weight_version)
+    engine = _build_engine(config, policy_path, run_dir, device, weight_version, load_checkpoint)
+    return DumpingEngine(engine, Path(config.dump_dir) / stage) if config.dump_dir else engine
+
+
+def _build_engine(
+    config: RolloutConfig,
+    policy_path: str | Path,
+    run_dir: str | Path,
+    device: str | torch.device,
+    weight_version: int,
+    load_checkpoint: bool,
+) -> RolloutEngine:
     if config.engine == "local":
         return LocalEngine.from_pretrained(
             policy_path, device=device, max_batch_size=config.local_max_batch_size, weight_version=weight_version

@@ -8,7 +8,8 @@ Every step, in the reference's order (§3.2):
 3. the alignment advantage from these pre-update scores: invalid samples take their group's valid minimum − 1,
    caption and CoT scores are group-normalised, weighted 0.5/0.5, and invalid formats pay 1.5 (released mode);
 4. one D step: pairwise Bradley-Terry (teacher vs student, caption and CoT) + 0.001 · L2, no router aux loss;
-5. one policy step: PPO clip 0.2, dual clip 3, token-mean, no KL;
+5. one policy step: PPO clip 0.2, dual clip 3, token-mean, no KL (`updates_per_rollout` > 1 splits the batch into
+   that many steps against the pre-update log-probs, `training/updates.py`; D still takes one step);
 6. weight sync to the rollout engine.
 No teacher logits are needed: the teacher enters only through its demonstrations, which D compares against.
 
@@ -51,6 +52,7 @@ from prism_mcore.training.sharding import (
     token_budget,
     work_counters,
 )
+from prism_mcore.training.updates import policy_updates, split_minibatches
 
 STAGE = "align"
 
@@ -66,7 +68,7 @@ def run(config: Config) -> None:
     policy = make_trainable(
         build_policy(config.model, config.parallel, path=policy_path),
         cfg.policy_optim,
-        cfg.steps,
+        cfg.steps * cfg.updates_per_rollout,  # the schedule counts optimizer steps
         config.parallel,
         offload_when_idle=cfg.offload_idle_states,
     )
@@ -107,8 +109,10 @@ def run(config: Config) -> None:
         advantages = alignment_advantages(samples, advantage_config, ctx.env)
         for sample, advantage in zip(samples, advantages.tolist(), strict=True):
             sample.advantage = advantage
-        p_batches = policy_microbatches(ctx.builder, ctx.env, samples, budget)
-        p_result = policy.step(policy_step, p_batches)
+        minibatches = split_minibatches(samples, cfg.updates_per_rollout)
+        p_minibatches = [policy_microbatches(ctx.builder, ctx.env, part, budget) for part in minibatches]
+        p_result = policy_updates(policy, policy_step, p_minibatches, config.rollout.temperature)
+        p_batches = [batch for microbatches in p_minibatches for batch in microbatches]
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         caption = torch.tensor([s.caption_score for s in samples if s.format_valid] or [0.0])
         cot = torch.tensor([s.cot_score for s in samples if s.format_valid] or [0.0])

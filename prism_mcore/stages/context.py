@@ -57,6 +57,7 @@ class RunContext:
     eval_prompts: dict[str, PromptSet] = field(default_factory=dict)
     eval_samples: dict[str, list[Sample]] = field(default_factory=dict)  # rank 0: the last evaluation's responses
     released_engines: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # holding no memory now
+    stage: str = ""  # the stage running now (`start_stage`)
 
     @property
     def is_main(self) -> bool:
@@ -161,6 +162,7 @@ def start_stage(config: Config, stage: str) -> RunContext | None:
         log.info("%s: already done, skipped", stage)
         return None
     seed_everything(config.run.seed, stage)
+    ctx.stage = stage
     return ctx
 
 

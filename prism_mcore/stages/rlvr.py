@@ -2,7 +2,8 @@
 
 Every step: sample `rollout.n` responses to each of `rlvr.prompts_per_step` prompts, score them with
 R = 0.8 · accuracy + 0.2 · format (0 for an invalid format), optionally shape R with DAPO's overlong penalty, take the
-GRPO advantage (R − group mean) / (group std + 1e-6), make one policy step, and sync the weights to the rollout
+GRPO advantage (R − group mean) / (group std + 1e-6), make one policy step (or `updates_per_rollout` steps on
+slices of the batch, `training/updates.py`), and sync the weights to the rollout
 engine. GRPO, DAPO and GSPO differ only in the policy-loss preset (`rlvr.policy_loss.preset`) and, for DAPO, in
 dynamic sampling: generation batches of `generation_prompts_per_step` prompts are drawn until
 `prompts_per_step` groups whose accuracies are not all equal are collected (at most `max_generation_batches`).
@@ -34,6 +35,7 @@ from prism_mcore.training.forward import policy_forward
 from prism_mcore.training.loop import DataExhausted, make_trainable, run_steps
 from prism_mcore.training.loss_config import policy_loss_config
 from prism_mcore.training.sharding import policy_microbatches, token_budget
+from prism_mcore.training.updates import policy_updates, split_minibatches
 
 STAGE = "rlvr"
 
@@ -116,7 +118,7 @@ def run(config: Config) -> None:
     policy = make_trainable(
         build_policy(config.model, config.parallel, path=policy_path),
         cfg.optim,
-        cfg.steps,
+        cfg.steps * cfg.updates_per_rollout,  # the schedule counts optimizer steps
         config.parallel,
         offload_when_idle=cfg.offload_idle_states,
     )
@@ -166,7 +168,9 @@ def run(config: Config) -> None:
         advantages = grpo_advantage(rewards, group_ids_from_uids([s.uid for s in samples]))
         for sample, reward, advantage in zip(samples, rewards.tolist(), advantages.tolist(), strict=True):
             sample.reward, sample.advantage = reward, advantage
-        result = policy.step(policy_step, policy_microbatches(ctx.builder, ctx.env, samples, budget))
+        minibatches = split_minibatches(samples, cfg.updates_per_rollout)
+        p_minibatches = [policy_microbatches(ctx.builder, ctx.env, part, budget) for part in minibatches]
+        result = policy_updates(policy, policy_step, p_minibatches, config.rollout.temperature)
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         return {
             **periodic_validation(ctx, engine, step, cfg.eval_every, val_params, drift),

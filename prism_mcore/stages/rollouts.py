@@ -22,13 +22,19 @@ from prism_mcore.stages.context import RunContext
 def rollout_engine(ctx: RunContext, policy_path: str, weight_version: int = 0) -> Iterator[RolloutEngine | None]:
     """The stage's rollout engine (rank 0 only: it generates for everyone; None elsewhere), closed when the block
     ends, however it ends: an SGLang client's request threads, connections and weight-sync process group never
-    outlive the stage, so the next stage can open its own (on the same port)."""
+    outlive the stage, so the next stage can open its own (on the same port). With `rollout.dump_dir` /
+    `rollout.replay_dir` it dumps or replays the stage's generate calls (`rollout/replay.py`)."""
     if not ctx.is_main:
         yield None
         return
     device = ctx.env.device if ctx.env.device.type == "cuda" else "cpu"
     engine = build_rollout_engine(
-        ctx.config.rollout, policy_path, run_dir=ctx.run_dir, device=device, weight_version=weight_version
+        ctx.config.rollout,
+        policy_path,
+        run_dir=ctx.run_dir,
+        device=device,
+        weight_version=weight_version,
+        stage=ctx.stage,
     )
     try:
         yield engine

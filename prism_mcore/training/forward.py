@@ -79,6 +79,9 @@ class TokenBatch:
     rollout_logprobs: torch.Tensor | None = None  # RL: the rollout engine's log-prob of each response token
     # [P] int64: the positions of `loss_mask` (at least one): the only ones whose log-probs are computed
     loss_positions: torch.Tensor | None = None
+    # RL with several updates per rollout: log pi_old of each response token, from the no-grad pass that
+    # `record_old_logprobs` runs before the first update; None: the forward's own log-probs, detached (one update)
+    old_logprobs: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -96,6 +99,7 @@ class TokenBatch:
             loss_mask=torch.tensor([[True, False]]),
             advantages=None if self.advantages is None else zeros,
             rollout_logprobs=None if self.rollout_logprobs is None else zeros.clone(),
+            old_logprobs=None if self.old_logprobs is None else zeros.clone(),
             loss_positions=torch.tensor([0]),
         )
 
@@ -173,7 +177,7 @@ def _padded(batch: Any, config: TransformerConfig) -> Any:
     extra = padded.num_tokens - packed.num_tokens
     per_token = {}
     if isinstance(batch, TokenBatch):
-        for name in ("targets", "loss_mask", "advantages", "rollout_logprobs"):
+        for name in ("targets", "loss_mask", "advantages", "rollout_logprobs", "old_logprobs"):
             value = getattr(batch, name)
             per_token[name] = None if value is None else torch.nn.functional.pad(value, (0, extra))
     return dataclasses.replace(batch, packed=padded, **per_token)
@@ -212,12 +216,14 @@ def sft_forward(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> 
 def policy_forward(
     loss_config: PolicyLossConfig, temperature: float = 1.0
 ) -> Callable[[Iterator[TokenBatch], torch.nn.Module], tuple[Any, Callable]]:
-    """The clipped policy-gradient loss on rollouts (one optimizer step per rollout batch).
+    """The clipped policy-gradient loss on rollouts.
 
-    The old policy of PPO is the policy before this step's update, i.e. exactly the weights this forward runs on,
-    since every micro-batch of a step is computed before the single optimizer step (PRISM_SPEC §3.2, §5.1: one
-    update per batch). So `old_log_probs` is the detached current log-prob, identical to what a separate
-    recomputation pass would give, without that pass.
+    The old policy of PPO is the policy that the rollout batch's updates start from. With one optimizer step per
+    rollout batch (the released setting, PRISM_SPEC §3.2, §5.1) those are exactly the weights this forward runs on,
+    since every micro-batch of the step is computed before the step: `old_log_probs` is then the detached current
+    log-prob, identical to what a separate recomputation pass would give, without that pass. With several updates per
+    rollout (`training.updates.policy_updates`) the batch carries `old_logprobs` from a no-grad pass before the first
+    update, and the ratio departs from 1 from the second update on.
     """
 
     def forward_step(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
@@ -229,18 +235,21 @@ def policy_forward(
             cu = batch.packed.cu_seqlens
             log_probs, mask = sequence_rows(logprobs, batch.loss_mask, cu)
             advantages, _ = sequence_rows(batch.advantages, batch.loss_mask, cu)
-            rollout = None
+            rollout = old = None
             if batch.rollout_logprobs is not None:
                 rollout, _ = sequence_rows(batch.rollout_logprobs, batch.loss_mask, cu)
+            if batch.old_logprobs is not None:
+                old, _ = sequence_rows(batch.old_logprobs, batch.loss_mask, cu)
             numerator, denominator, result = policy_loss_fraction(
-                log_probs, advantages, mask, loss_config, rollout_log_probs=rollout
+                log_probs, advantages, mask, loss_config, rollout_log_probs=rollout, old_log_probs=old
             )
             n = batch.num_sequences
             metrics = {name: _pair(value, n) for name, value in result.metrics.items()}
             metrics["pg_loss"] = _pair(result.loss, n)
             metrics["entropy"] = _pair(masked_mean(entropy.detach(), batch.loss_mask.float()), n)
             if rollout is not None:
-                mismatch = logprob_mismatch(log_probs.detach(), rollout, mask, tis_cap=loss_config.tis_cap)
+                trainer = log_probs.detach() if old is None else old  # pi_old: the weights that sampled
+                mismatch = logprob_mismatch(trainer, rollout, mask, tis_cap=loss_config.tis_cap)
                 metrics.update({name: _pair(value, n) for name, value in mismatch.metrics().items()})
             return numerator, denominator, metrics
 
@@ -255,14 +264,16 @@ def policy_loss_fraction(
     mask: torch.Tensor,
     config: PolicyLossConfig,
     rollout_log_probs: torch.Tensor | None = None,
+    old_log_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(numerator, denominator, loss output) of one micro-batch of `[n, L]` rows.
+    """(numerator, denominator, loss output) of one micro-batch of `[n, L]` rows; `old_log_probs` defaults to
+    `log_probs` detached (one update per rollout batch: the ratio is 1).
 
     `global-token-mean`: (Σ L·mask, number of tokens), so the step divides by all tokens of all micro-batches and
     ranks. Other modes follow the reference: the micro-batch's aggregated loss weighted by its sequences,
     (loss · n, n), which divides to Σ_mb loss_mb · n_mb / N.
     """
-    old_log_probs = log_probs.detach()
+    old_log_probs = log_probs.detach() if old_log_probs is None else old_log_probs.to(log_probs.dtype)
     if config.aggregation is LossAggregation.GLOBAL_TOKEN_MEAN:
         result = policy_loss(
             log_probs,
@@ -277,6 +288,33 @@ def policy_loss_fraction(
     result = policy_loss(log_probs, old_log_probs, advantages, mask, config, rollout_log_probs=rollout_log_probs)
     n = log_probs.shape[0]
     return result.loss * n, _count(n, result.loss), result
+
+
+def old_logprobs_forward(
+    temperature: float = 1.0,
+) -> Callable[[Iterator[TokenBatch], torch.nn.Module], tuple[Any, Callable]]:
+    """A no-grad pass that stores each micro-batch's log-probs at its loss positions as its `old_logprobs` (`[1, T]`,
+    on the host, the micro-batch's own length): log pi_old before the first of several updates per rollout batch.
+
+    The log-probs exist on the last pipeline stage only, which is the only stage whose loss reads them. The loss is
+    zero and there are no metrics: the pass computes nothing else.
+    """
+
+    def forward_step(data_iterator: Iterator[TokenBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
+        unprepared = next(data_iterator)
+        batch = _prepare(unprepared, model)
+        output = _policy_forward_output(model, batch, temperature)
+
+        def loss_func(output: tuple[torch.Tensor, torch.Tensor]) -> LossTriple:
+            logprobs, _ = output
+            length = unprepared.packed.num_tokens  # without the layout's padding
+            unprepared.old_logprobs = logprobs[:, :length].detach().float().cpu()
+            zero = logprobs.sum() * 0
+            return zero, _count(0, zero), {}
+
+        return output, loss_func
+
+    return forward_step
 
 
 # --------------------------------------------------------------------------------------------------------------------

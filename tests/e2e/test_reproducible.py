@@ -1,11 +1,17 @@
-"""The same command with the same seed logs the same numbers, bit for bit, on CPU.
+"""The same command with the same seed logs the same numbers, bit for bit, on CPU; the numbers are the golden ones;
+and a replay of the run's rollouts reproduces it without generating.
 
-The shortened pipeline of `test_pipeline` runs twice. Run A builds the embedded default into an empty cache. Run B
-finds it built (a copy in another folder, so every data file has another absolute path), runs from another working
-folder with another PYTHONHASHSEED while a busy process competes for the CPU, and is stopped after the warmup and
-started again, so alignment and RLVR start in a fresh process with nothing run before them. Both must log the same
-`metrics.jsonl` (timing fields aside), the same evaluations, and keep byte-identical self-play responses (whose uids
-must not name the data files' folders).
+The shortened pipeline of `test_pipeline` runs twice. Run A builds the embedded default into an empty cache and dumps
+its rollouts (`rollout.dump_dir`). Run B finds it built (a copy in another folder, so every data file has another
+absolute path), runs from another working folder with another PYTHONHASHSEED while a busy process competes for the
+CPU, and is stopped after the warmup and started again, so alignment and RLVR start in a fresh process with nothing
+run before them. Both must log the same `metrics.jsonl` (timing fields aside), the same evaluations, and keep
+byte-identical self-play responses (whose uids must not name the data files' folders).
+
+Run A's metrics and evaluations must also match `golden_metrics.json` within the tolerances `golden.py` states
+(regenerate: `python tools/golden_metrics.py --update`), and a third run with `rollout.replay_dir` on A's dump (every
+stage's generate calls served from it: SFT evaluation, warmup self-play, alignment, RLVR) must log A's metrics bit for
+bit.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
+from tests.e2e.golden import REGENERATE, TIMING_FIELDS, compare, read_golden, run_record
 from tests.e2e.test_pipeline import _command, _env, _metrics
 
 REPO = Path(__file__).resolve().parents[2]
-TIMING_FIELDS = ("time", "step_time_s")  # wall-clock values: the only fields allowed to differ
 SHORTER = [
     "sft.max_steps=4",
     "sft.eval_every=2",
@@ -66,12 +74,20 @@ def _results(run_dir: Path) -> dict:
     return {stage: {k: v for k, v in record.items() if not k.endswith("_hf")} for stage, record in stages.items()}
 
 
-def test_a_second_run_logs_the_same_metrics_bit_for_bit(tmp_path: Path) -> None:
-    first, second = tmp_path / "first" / "run", tmp_path / "second" / "run"
-    cache, cache_copy = tmp_path / "cache", tmp_path / "elsewhere" / "cache"
-    _run(first, cache, REPO, "1")
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Run A: (its run folder, the cache it built, its rollout dump)."""
+    root = tmp_path_factory.mktemp("reproducible")
+    first, cache, dump = root / "first" / "run", root / "cache", root / "dump"
+    _run(first, cache, REPO, "1", f"rollout.dump_dir={dump}")
     assert (cache / "embedded").is_dir()  # run A built the embedded default
+    return first, cache, dump
 
+
+def test_a_second_run_logs_the_same_metrics_bit_for_bit(first_run: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    first, cache, _ = first_run
+    second = tmp_path / "second" / "run"
+    cache_copy = tmp_path / "elsewhere" / "cache"
     shutil.copytree(cache, cache_copy)
     workdir = tmp_path / "workdir"
     workdir.mkdir()
@@ -96,3 +112,21 @@ def test_a_second_run_logs_the_same_metrics_bit_for_bit(tmp_path: Path) -> None:
     assert _results(second) == _results(first)
     kept = "stages/warmup_self_play.json"
     assert (second / kept).read_bytes() == (first / kept).read_bytes()
+
+
+def test_the_run_logs_the_golden_metrics(first_run: tuple[Path, Path, Path]) -> None:
+    differences = compare(read_golden(), run_record(first_run[0]))
+    assert not differences, f"{len(differences)} differences from the golden metrics (after an intended change: " + (
+        f"{REGENERATE}):\n" + "\n".join(differences[:40])
+    )
+
+
+def test_a_replay_of_the_dumped_rollouts_logs_the_same_metrics_bit_for_bit(
+    first_run: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    first, cache, dump = first_run
+    assert {folder.name for folder in dump.iterdir()} == {"sft", "warmup", "align", "rlvr"}
+    replayed = tmp_path / "replayed" / "run"
+    _run(replayed, cache, REPO, "1", f"rollout.replay_dir={dump}")
+    assert _without_timing(replayed) == _without_timing(first)
+    assert _results(replayed) == _results(first)

@@ -45,6 +45,7 @@ def _stage_context(server_url: str, port: int, run_dir: Path) -> SimpleNamespace
         config=SimpleNamespace(rollout=config),
         run_dir=run_dir,
         released_engines=weakref.WeakSet(),
+        stage="rlvr",  # names the stage's folder under rollout.dump_dir / replay_dir (unset here)
     )
 
 

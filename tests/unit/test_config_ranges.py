@@ -39,6 +39,7 @@ def refusal(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         ("sft.epochs=0", "sft.epochs=0.0 is out of range: must be > 0"),
         ("data.max_row_bytes=0", "data.max_row_bytes=0 is out of range: must be >= 1"),
         ("run.stages=", "run.stages is empty: list at least one of sft, warmup, align, rlvr"),
+        ("rlvr.updates_per_rollout=0", "rlvr.updates_per_rollout=0 is out of range: must be >= 1"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_key(
@@ -56,6 +57,21 @@ def test_a_stage_of_zero_steps_is_refused_not_marked_done(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stage: str
 ) -> None:
     assert refusal(capsys, monkeypatch, stage, f"{stage}.steps=0") == f"{stage}.steps=0 is out of range: must be >= 1"
+
+
+@pytest.mark.parametrize("stage", ["align", "rlvr"])
+def test_more_updates_per_rollout_than_samples_are_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, stage: str
+) -> None:
+    overrides = [f"{stage}.prompts_per_step=2", "rollout.n=3"]
+    from prism_mcore.config.schema import check_ranges
+
+    check_ranges(apply_overrides(load_recipe("embedded"), [*overrides, f"{stage}.updates_per_rollout=6"]))  # one each
+    message = refusal(capsys, monkeypatch, "run", *overrides, f"{stage}.updates_per_rollout=7")
+    assert message == (
+        f"{stage}.updates_per_rollout=7 is more than the 6 samples of a rollout batch ({stage}.prompts_per_step x "
+        "rollout.n): each update needs at least one"
+    )
 
 
 @pytest.mark.parametrize(
