@@ -7,8 +7,9 @@ first two micro-batches and the second rank the third, so the second rank runs a
 * `scores`: the new path's, read off the update's own forward (`discriminator_forward(on_scores=...)`) and shared
   over the data-parallel ranks (`align.RolloutScores`);
 * for both update paths (`old`: every sequence carries its images, and the filler is a copy of a real
-  micro-batch; `new`: each micro-batch carries each image once, and the filler is tiny): the step's metrics, the
-  gradient norm and the updated value head.
+  micro-batch; `new`: each image is encoded once per step, its later uses get the encoding and send their
+  gradients back through one backward of the tower, and the filler is tiny): the step's metrics, the gradient norm,
+  the updated value head and the vision tower's gradient.
 """
 
 import argparse
@@ -27,7 +28,7 @@ def main() -> None:
 
     from prism_mcore.algorithms import DiscriminatorLossConfig
     from prism_mcore.config.schema import ModelConfig, OptimConfig, ParallelConfig
-    from prism_mcore.data.batching import pack_sequences
+    from prism_mcore.data.batching import pack_sequences, step_image_count
     from prism_mcore.data.samples import TokenSequence, mrope_position_ids
     from prism_mcore.models import build_discriminator, forward_kwargs, token_multiple
     from prism_mcore.record import ImageInputs
@@ -106,9 +107,18 @@ def main() -> None:
             scores.assign(SimpleNamespace(env=env), samples, loss_config.score_clip)
             result["scores"] = [[s.caption_score, s.cot_score] for s in samples]
             result["fillers"] = step.filler_microbatches
-            result["images"] = sum(b.packed.num_images for b in microbatches)
+            result["images"] = step_image_count([b.packed for b in microbatches if not isinstance(b, Filler)])
         head = model.language_model.output_layer.weight
-        result[path] = {"metrics": step.metrics, "grad_norm": step.grad_norm, "head": head.detach()[0].tolist()}
+        # The vision tower's gradient (this rank's shard): in the new path each image is encoded once per step
+        # and the tower's backward runs once, with the summed gradients of every micro-batch that used it.
+        vision = [p.main_grad.flatten() for _, p in sorted(model.vision_model.named_parameters())]
+        result[path] = {
+            "metrics": step.metrics,
+            "grad_norm": step.grad_norm,
+            "head": head.detach()[0].tolist(),
+            "vision_grad_norm": torch.cat(vision).norm().item(),
+            "vision_grad_head": torch.cat(vision)[:64].tolist(),
+        }
     write_rank_result(args.out, result)
     shutdown()
 
