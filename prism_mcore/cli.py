@@ -30,7 +30,7 @@ from prism_mcore.config import RECIPES, STAGES, Config, ConfigError, apply_overr
 from prism_mcore.config.recipes import RECIPE_DIR, released_recipe_files
 from prism_mcore.config.schema import check_ranges, check_token_budgets
 from prism_mcore.data.errors import DataError
-from prism_mcore.stages.errors import StageFailed
+from prism_mcore.training.errors import StageFailed
 from prism_mcore.training.metrics import global_rank
 from prism_mcore.training.run_lock import RunFolderInUse
 

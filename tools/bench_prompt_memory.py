@@ -1,7 +1,7 @@
 """Peak memory of a stage's prompts: `python tools/bench_prompt_memory.py [--prompts 20000] [--work DIR]`.
 
 Writes a synthetic alignment parquet of N prompts (the embedded default's prompts and images, repeated) into a
-scratch folder, loads it with `stages.common.load_prompts` as a stage does on one rank, builds the prompts of
+scratch folder, loads it with `stages.context.load_prompts` as a stage does on one rank, builds the prompts of
 `--steps` steps of `--per-step` prompts, and prints the process's peak RSS. Run it on two versions of the code (e.g.
 with PYTHONPATH set to each checkout) to compare: an eager build holds every prompt's token ids and processed image
 (O(file)); a per-step build holds one batch.
@@ -39,11 +39,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from prism_mcore.config import load_recipe
+    from prism_mcore.data.batching import batch_for_step
     from prism_mcore.data.embedded import ensure_embedded
     from prism_mcore.data.embedded.tokenizer import load_tokenizer
     from prism_mcore.data.images import ImageConfig, build_image_processor, load_image_processor
     from prism_mcore.data.samples import LengthLimits, SampleBuilder
-    from prism_mcore.stages.common import batch_for_step, load_prompts
+    from prism_mcore.stages.context import load_prompts
 
     assets = ensure_embedded()
     work = Path(args.work or tempfile.mkdtemp(prefix="prompt_memory_"))

@@ -1,4 +1,5 @@
-"""Batching: token-budget micro-batches, sequence packing (THD) and right-padded batches.
+"""Batching: token-budget micro-batches, sequence packing (THD), right-padded batches, and which items a step
+takes (`batch_for_step`: per-epoch shuffles, a pure function of the step).
 
 Dynamic batch size (PRISM_SPEC §4, §5.1: "dynamic batch size on; N tokens per GPU"): `token_budget_batches` groups
 sequences so that each micro-batch stays within a token budget, longest first. A packed micro-batch costs the sum of
@@ -388,3 +389,25 @@ def _group(buffer: list[TokenSequence], max_tokens: int, padded: bool) -> Iterat
     lengths = [len(sequence) for sequence in buffer]
     for indices in token_budget_batches(lengths, max_tokens, padded):
         yield [buffer[index] for index in indices]
+
+
+def prompt_order(num_prompts: int, seed: int, epoch: int) -> list[int]:
+    """A deterministic shuffle of prompt indices per epoch: the data position is then just the step number."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return torch.randperm(num_prompts, generator=generator).tolist()
+
+
+def batch_for_step(items: list, step: int, per_step: int, seed: int) -> list:
+    """The items of step `step` (0-based): consecutive slices of per-epoch shuffles, wrapping around epochs.
+
+    A pure function of the step, so resuming at a step needs no saved data-loader state.
+    """
+    chosen = []
+    position = step * per_step
+    while len(chosen) < per_step:
+        epoch, offset = divmod(position, len(items))
+        order = prompt_order(len(items), seed, epoch)
+        take = min(per_step - len(chosen), len(items) - offset)
+        chosen += [items[i] for i in order[offset : offset + take]]
+        position += take
+    return chosen

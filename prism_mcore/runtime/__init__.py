@@ -5,6 +5,7 @@ lifetime (`lifetime`: helper processes die with the process that started them)."
 from prism_mcore.runtime.distributed import (
     DistEnv,
     broadcast_from_last_stage,
+    broadcast_from_main,
     default_device,
     gather_data_parallel,
     init_distributed,
@@ -15,6 +16,7 @@ from prism_mcore.runtime.seeding import seed_everything, stage_seed
 __all__ = [
     "DistEnv",
     "broadcast_from_last_stage",
+    "broadcast_from_main",
     "default_device",
     "gather_data_parallel",
     "init_distributed",

@@ -139,6 +139,15 @@ def gather_data_parallel(obj: Any) -> list[Any]:
     return gathered
 
 
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (work done once, on rank 0: validating prompts, rollouts, evaluation)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def broadcast_from_last_stage(obj: Any) -> Any:
     """The last pipeline stage's `obj` on every stage (losses and scores exist only on the last stage)."""
     from megatron.core import parallel_state

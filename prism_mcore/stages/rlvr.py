@@ -16,45 +16,25 @@ at most 30·⌊N/96⌋ steps for the released DAPO.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
 from prism_mcore.algorithms import collect_informative_groups, group_ids_from_uids, grpo_advantage, overlong_penalty
 from prism_mcore.config.schema import Config
+from prism_mcore.data.batching import batch_for_step
 from prism_mcore.models import build_policy, save_hf
 from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
-from prism_mcore.stages.common import (
-    POLICY_HF,
-    DataExhausted,
-    batch_for_step,
-    evaluate_splits,
-    finish_stage,
-    input_checkpoint,
-    load_prompts,
-    make_engine,
-    make_trainable,
-    periodic_validation,
-    policy_loss_config,
-    policy_microbatches,
-    rollout,
-    rollout_metrics,
-    run_steps,
-    start_stage,
-    sync_weights,
-    validation,
-    validation_params,
-)
+from prism_mcore.stages.context import POLICY_HF, finish_stage, input_checkpoint, load_prompts, start_stage
+from prism_mcore.stages.evaluation import evaluate_splits, periodic_validation, validation, validation_params
+from prism_mcore.stages.rollouts import make_engine, rollout, rollout_metrics, sync_weights
 from prism_mcore.training.forward import policy_forward
+from prism_mcore.training.loop import DataExhausted, make_trainable, run_steps
+from prism_mcore.training.loss_config import policy_loss_config
+from prism_mcore.training.sharding import policy_microbatches, token_budget
 
 STAGE = "rlvr"
-
-
-def group_by_prompt(samples: list[Sample]) -> list[list[Sample]]:
-    groups: dict[str, list[Sample]] = {}
-    for sample in samples:
-        groups.setdefault(sample.uid, []).append(sample)
-    return list(groups.values())
 
 
 def epoch_batch_cap(num_prompts: int, batch_size: int, max_epochs: int) -> int | None:
@@ -71,6 +51,59 @@ def epoch_batch_cap(num_prompts: int, batch_size: int, max_epochs: int) -> int |
     return max_epochs * (num_prompts // batch_size)
 
 
+class DynamicSampling:
+    """DAPO's dynamic sampling (PRISM_SPEC §5.1): a step draws generation batches until `groups_per_step` prompts
+    whose responses' accuracies are not all equal are kept (at most `max_generation_batches` per step).
+
+    How many generation batches a step draws varies, so the position in the prompts is resumable state: the number of
+    batches drawn so far (`state_dict`, saved with each step checkpoint). Past `batch_cap` batches (the epoch cap) the
+    data is used up and the stage ends (`DataExhausted`).
+    """
+
+    def __init__(
+        self,
+        generate_batch: Callable[[int, int], list[Sample]],
+        groups_per_step: int,
+        max_generation_batches: int,
+        batch_cap: int | None,
+    ) -> None:
+        self.generate_batch = generate_batch  # (step, generation batch index) -> that batch's samples
+        self.groups_per_step = groups_per_step
+        self.max_generation_batches = max_generation_batches
+        self.batch_cap = batch_cap
+        self.generation_batches = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"generation_batches": self.generation_batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.generation_batches = state.get("generation_batches", 0)
+
+    def next_groups(self, step: int) -> list[list[Sample]]:
+        """The next generation batch's samples, one list per prompt."""
+        if self.batch_cap is not None and self.generation_batches >= self.batch_cap:
+            raise DataExhausted(f"{self.batch_cap} generation batches drawn, the epoch cap (rlvr.max_epochs)")
+        self.generation_batches += 1
+        groups: dict[str, list[Sample]] = {}
+        for sample in self.generate_batch(step, self.generation_batches - 1):
+            groups.setdefault(sample.uid, []).append(sample)
+        return list(groups.values())
+
+    def step_samples(self, step: int) -> tuple[list[Sample], dict[str, float]]:
+        """The kept groups' samples of step `step` and the `dynamic_sampling/*` metrics."""
+        result = collect_informative_groups(
+            lambda: self.next_groups(step),
+            lambda sample: sample.accuracy,
+            self.groups_per_step,
+            max_generation_batches=self.max_generation_batches,
+        )
+        kept = [sample for group in result.groups for sample in group]
+        return kept, {
+            "dynamic_sampling/generation_batches": result.num_generation_batches,
+            "dynamic_sampling/kept_ratio": len(result.groups) / result.num_generated_groups,
+        }
+
+
 def run(config: Config) -> None:
     ctx = start_stage(config, STAGE)
     if ctx is None:
@@ -80,23 +113,22 @@ def run(config: Config) -> None:
     prompts = load_prompts(ctx, config.data.rl_path, "rlvr", require_teacher=False)
     policy_path = input_checkpoint(ctx, STAGE, POLICY_HF)
     policy = make_trainable(
-        ctx,
         build_policy(config.model, config.parallel, path=policy_path),
         cfg.optim,
         cfg.steps,
+        config.parallel,
         offload_when_idle=cfg.offload_idle_states,
     )
     engine = make_engine(ctx, policy_path)
     policy_step = policy_forward(
         policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature
     )
-    # Dynamic sampling consumes a varying number of prompt batches per step: its position is resumable state.
-    state = {"generation_batches": 0}
     batch_size = cfg.generation_prompts_per_step if cfg.dynamic_sampling else cfg.prompts_per_step
     batch_cap = epoch_batch_cap(len(prompts), batch_size, cfg.max_epochs)
     # Without dynamic sampling a step is one batch; the schedule still spans `steps` (verl's total_training_steps).
     total_steps = cfg.steps if batch_cap is None or cfg.dynamic_sampling else min(cfg.steps, batch_cap)
     val_params = validation_params(cfg, seed=config.run.seed)
+    budget = token_budget(config.data, cfg.max_tokens_per_microbatch)
 
     def generate(step: int, prompt_batch: int, batch_size: int) -> list[Sample]:
         params = dataclasses.replace(
@@ -105,32 +137,20 @@ def run(config: Config) -> None:
         )
         return rollout(ctx, engine, batch_for_step(prompts, prompt_batch, batch_size, config.run.seed), params)
 
-    def step_samples(step: int) -> tuple[list[Sample], dict[str, float]]:
-        if not cfg.dynamic_sampling:
-            return generate(step, step, cfg.prompts_per_step), {}
-
-        def next_generation_batch() -> list[list[Sample]]:
-            if batch_cap is not None and state["generation_batches"] >= batch_cap:
-                raise DataExhausted(
-                    f"{cfg.max_epochs} epochs of {len(prompts)} prompts ({batch_cap} generation batches)"
-                )
-            state["generation_batches"] += 1
-            return group_by_prompt(generate(step, state["generation_batches"] - 1, cfg.generation_prompts_per_step))
-
-        result = collect_informative_groups(
-            next_generation_batch,
-            lambda s: s.accuracy,
+    sampling = None
+    if cfg.dynamic_sampling:
+        sampling = DynamicSampling(
+            lambda step, index: generate(step, index, cfg.generation_prompts_per_step),
             cfg.prompts_per_step,
-            max_generation_batches=cfg.max_generation_batches,
+            cfg.max_generation_batches,
+            batch_cap,
         )
-        kept = [sample for group in result.groups for sample in group]
-        return kept, {
-            "dynamic_sampling/generation_batches": result.num_generation_batches,
-            "dynamic_sampling/kept_ratio": len(result.groups) / result.num_generated_groups,
-        }
 
     def step_fn(step: int) -> dict[str, float]:
-        samples, sampling_metrics = step_samples(step)
+        if sampling is None:
+            samples, sampling_metrics = generate(step, step, cfg.prompts_per_step), {}
+        else:
+            samples, sampling_metrics = sampling.step_samples(step)
         rewards = torch.tensor([s.reward for s in samples])
         if cfg.overlong_buffer > 0:
             rewards = rewards + overlong_penalty(
@@ -142,7 +162,7 @@ def run(config: Config) -> None:
         advantages = grpo_advantage(rewards, group_ids_from_uids([s.uid for s in samples]))
         for sample, reward, advantage in zip(samples, rewards.tolist(), advantages.tolist(), strict=True):
             sample.reward, sample.advantage = reward, advantage
-        result = policy.step(policy_step, policy_microbatches(ctx, samples, cfg.max_tokens_per_microbatch))
+        result = policy.step(policy_step, policy_microbatches(ctx.builder, ctx.env, samples, budget))
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         return {
             **periodic_validation(ctx, engine, step, cfg.eval_every, val_params),
@@ -163,7 +183,7 @@ def run(config: Config) -> None:
         cfg.save_every,
         step_fn,
         log_keys=("reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio", "actor/pg_loss"),
-        state=state,
+        state=sampling,
         on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
         before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
     )

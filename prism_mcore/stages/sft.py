@@ -15,41 +15,22 @@ from __future__ import annotations
 import math
 
 from prism_mcore.config.schema import Config
-from prism_mcore.data.batching import pack_sequences, token_budget_batches
+from prism_mcore.data.batching import batch_for_step
 from prism_mcore.data.errors import NO_USABLE_ROWS, DataError, DataStats, OnError, checked
 from prism_mcore.data.images import ImageReadLimits
 from prism_mcore.data.readers import RecordReader, SftExample, open_sft
 from prism_mcore.data.samples import SampleBuilder, TokenSequence
 from prism_mcore.models import build_policy, save_hf
-from prism_mcore.stages.common import (
-    POLICY_HF,
-    RunContext,
-    batch_for_step,
-    dp_share,
-    evaluate_splits,
-    finish_stage,
-    input_checkpoint,
-    log,
-    make_engine,
-    make_trainable,
-    or_filler,
-    run_steps,
-    start_stage,
-    token_budget,
-)
-from prism_mcore.training.forward import TokenBatch, sft_forward, token_batch
+from prism_mcore.stages.context import POLICY_HF, finish_stage, input_checkpoint, log, start_stage
+from prism_mcore.stages.evaluation import evaluate_splits
+from prism_mcore.stages.rollouts import make_engine
+from prism_mcore.training.forward import sft_forward
+from prism_mcore.training.loop import make_trainable, run_steps
+from prism_mcore.training.sharding import sft_microbatches, token_budget
 from prism_mcore.training.step import forward_metrics
 
 STAGE = "sft"
 MAX_HELDOUT = 256
-
-
-def microbatches(ctx: RunContext, sequences: list[TokenSequence]) -> list[TokenBatch]:
-    """This rank's share of a global batch, packed into micro-batches of at most `max_tokens_per_microbatch`."""
-    mine = dp_share(ctx, sequences)
-    groups = token_budget_batches([len(s) for s in mine], token_budget(ctx))
-    batches = [token_batch(pack_sequences([mine[i] for i in group])) for group in groups]
-    return or_filler(batches, lambda: token_batch(pack_sequences(sequences[:1])))
 
 
 def require_usable_row(
@@ -84,8 +65,9 @@ def run(config: Config) -> None:
     heldout = min(MAX_HELDOUT, len(reader) // 50)
     train_indices = list(range(len(reader) - heldout))
     require_usable_row(reader, train_indices, builder, config.data.on_error)
+    budget = token_budget(config.data)
     heldout_sequences = sequences(list(range(len(reader) - heldout, len(reader))))
-    heldout_batches = microbatches(ctx, heldout_sequences) if heldout_sequences else []
+    heldout_batches = sft_microbatches(ctx.env, heldout_sequences, budget) if heldout_sequences else []
     steps_per_epoch = math.ceil(len(train_indices) / cfg.global_batch_size)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     log.info(
@@ -93,7 +75,7 @@ def run(config: Config) -> None:
     )
 
     policy = build_policy(config.model, config.parallel, path=input_checkpoint(ctx, STAGE, POLICY_HF))
-    trainable = make_trainable(ctx, policy, cfg.optim, total_steps)
+    trainable = make_trainable(policy, cfg.optim, total_steps, config.parallel)
 
     def validation_loss() -> float:
         policy.eval()
@@ -105,7 +87,7 @@ def run(config: Config) -> None:
         batch = sequences(batch_for_step(train_indices, step, cfg.global_batch_size, config.run.seed))
         if not batch:  # every row of this batch was dropped (the same on every rank): no update, counted as skipped
             return {"skipped": 1.0}
-        result = trainable.step(sft_forward, microbatches(ctx, batch))
+        result = trainable.step(sft_forward, sft_microbatches(ctx.env, batch, budget))
         metrics = {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
         if heldout_batches and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             metrics["val_loss"] = validation_loss()

@@ -18,7 +18,7 @@ import math
 
 from prism_mcore.config import ConfigError
 from prism_mcore.config.schema import Config
-from prism_mcore.data.batching import pack_sequences, token_budget_batches
+from prism_mcore.data.batching import batch_for_step
 from prism_mcore.data.errors import NO_USABLE_ROWS, DataError, DataStats, checked
 from prism_mcore.data.images import ImageConfig, ImageReadLimits, build_image_processor, load_image_processor
 from prism_mcore.data.readers import open_warmup
@@ -26,25 +26,20 @@ from prism_mcore.data.samples import SampleBuilder, SegmentPair
 from prism_mcore.files import write_text_atomic
 from prism_mcore.models import build_discriminator, save_hf
 from prism_mcore.rollout import SamplingParams
-from prism_mcore.stages.common import (
+from prism_mcore.stages.context import (
     DISCRIMINATOR_HF,
     POLICY_HF,
     RunContext,
-    batch_for_step,
-    dp_share,
     finish_stage,
     input_checkpoint,
     load_prompts,
     log,
-    make_engine,
-    make_trainable,
-    or_filler,
-    rollout,
-    run_steps,
     start_stage,
-    token_budget,
 )
+from prism_mcore.stages.rollouts import make_engine, rollout
 from prism_mcore.training.forward import warmup_forward
+from prism_mcore.training.loop import make_trainable, run_steps
+from prism_mcore.training.sharding import pair_microbatches, token_budget
 from prism_mcore.training.step import forward_metrics
 
 STAGE = "warmup"
@@ -107,17 +102,6 @@ def self_play_pairs(ctx: RunContext, config: Config) -> list[SegmentPair]:
     return pairs
 
 
-def microbatches(ctx: RunContext, pairs: list[SegmentPair]):
-    """Token-budget micro-batches of this rank's pairs, each packing its teachers then its students."""
-
-    def batch(chosen: list[SegmentPair]):
-        return pack_sequences([pair.teacher for pair in chosen] + [pair.student for pair in chosen])
-
-    mine = dp_share(ctx, pairs)
-    groups = token_budget_batches([len(pair.teacher) + len(pair.student) for pair in mine], token_budget(ctx))
-    return or_filler([batch([mine[i] for i in group]) for group in groups], lambda: batch(pairs[:1]))
-
-
 def run(config: Config) -> None:
     ctx = start_stage(config, STAGE)
     if ctx is None:
@@ -149,9 +133,10 @@ def run(config: Config) -> None:
     discriminator = build_discriminator(
         config.model, config.parallel, path=input_checkpoint(ctx, STAGE, DISCRIMINATOR_HF), seed=config.run.seed
     )
-    trainable = make_trainable(ctx, discriminator, cfg.optim, total_steps)
+    trainable = make_trainable(discriminator, cfg.optim, total_steps, config.parallel)
     loss_step = warmup_forward(cfg.aux_loss_coef, top_k=discriminator.config.moe_router_topk)
-    heldout_batches = microbatches(ctx, heldout)
+    budget = token_budget(config.data)
+    heldout_batches = pair_microbatches(ctx.env, heldout, budget)
 
     def heldout_accuracy() -> float:
         discriminator.eval()
@@ -163,7 +148,7 @@ def run(config: Config) -> None:
 
     def step_fn(step: int) -> dict[str, float]:
         batch = batch_for_step(train_pairs, step, cfg.global_batch_size, config.run.seed)
-        result = trainable.step(loss_step, microbatches(ctx, batch))
+        result = trainable.step(loss_step, pair_microbatches(ctx.env, batch, budget))
         return {**result.metrics, "grad_norm": result.grad_norm, "lr": result.lr, "skipped": float(result.skipped)}
 
     run_steps(

@@ -108,9 +108,9 @@ def test_offload_frees_optimizer_storage_but_never_the_weights(runtime) -> None:
 
 
 def test_an_offloaded_trainable_checkpoints_and_resumes_its_full_state(runtime, tmp_path) -> None:
-    """Checkpoints bring the state back for the save and load (`stages.common.all_resident`): a run resumed from
+    """Checkpoints bring the state back for the save and load (`training.loop.all_resident`): a run resumed from
     an offloaded trainable's checkpoint continues exactly like the uninterrupted run."""
-    from prism_mcore.stages.common import Trainable, all_resident
+    from prism_mcore.training.loop import Trainable, all_resident
     from prism_mcore.training.offload import IdleStateOffload
     from prism_mcore.training.resume import CheckpointManager
 

@@ -11,8 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from prism_mcore.config import load_recipe
-from prism_mcore.stages.common import DataExhausted, run_steps, validation_params
-from prism_mcore.stages.rlvr import epoch_batch_cap
+from prism_mcore.stages.evaluation import validation_params
+from prism_mcore.stages.rlvr import DynamicSampling, epoch_batch_cap
+from prism_mcore.training.loop import DataExhausted, run_steps
 from prism_mcore.training.metrics import MetricsLogger, read_metrics
 from prism_mcore.training.resume import CheckpointManager
 
@@ -83,64 +84,89 @@ def _context(tmp_path: Path) -> SimpleNamespace:
     )
 
 
-def _capped_step_fn(state: dict[str, int], batches_per_step: list[int], cap: int):
-    """A dynamic-sampling step: draws `batches_per_step[step]` generation batches, stopping at `cap` batches."""
+def _sampling(informative: str, cap: int, groups_per_step: int = 1) -> DynamicSampling:
+    """Dynamic sampling over generation batches of one prompt with two responses: batch i's responses differ in
+    accuracy (an informative group) where `informative[i]` is "T"; at most `cap` batches (the epoch cap)."""
 
+    def generate_batch(step: int, index: int) -> list[SimpleNamespace]:
+        accuracies = (1.0, 0.0) if informative[index] == "T" else (0.0, 0.0)
+        return [SimpleNamespace(uid=f"prompt{index}", accuracy=value, step=step) for value in accuracies]
+
+    return DynamicSampling(generate_batch, groups_per_step, max_generation_batches=10, batch_cap=cap)
+
+
+def _step_fn(sampling: DynamicSampling):
     def step_fn(step: int) -> dict[str, float]:
-        for _ in range(batches_per_step[step]):
-            if state["generation_batches"] >= cap:
-                raise DataExhausted(f"{cap} generation batches")
-            state["generation_batches"] += 1
-        return {"reward/mean": float(step)}
+        samples, metrics = sampling.step_samples(step)
+        assert {sample.step for sample in samples} == {step}
+        return {"reward/mean": float(step), **metrics}
 
     return step_fn
 
 
+def test_dynamic_sampling_draws_batches_until_enough_informative_groups() -> None:
+    sampling = _sampling("FTTFFTT", cap=7, groups_per_step=2)
+    samples, metrics = sampling.step_samples(0)  # batches 0 (dropped), 1, 2
+    assert [sample.uid for sample in samples] == ["prompt1", "prompt1", "prompt2", "prompt2"]
+    assert metrics == {"dynamic_sampling/generation_batches": 3, "dynamic_sampling/kept_ratio": 2 / 3}
+    assert sampling.state_dict() == {"generation_batches": 3}
+    sampling.load_state_dict({"generation_batches": 5})  # resumed: the next step starts at batch 5
+    samples, metrics = sampling.step_samples(1)
+    assert [sample.uid for sample in samples] == ["prompt5", "prompt5", "prompt6", "prompt6"]
+    assert metrics["dynamic_sampling/kept_ratio"] == 1.0
+    with pytest.raises(DataExhausted, match="7 generation batches"):
+        sampling.step_samples(2)
+
+
 def test_validation_before_training_is_step_zero_and_data_exhaustion_ends_the_stage(tmp_path: Path) -> None:
     ctx = _context(tmp_path)
-    state = {"generation_batches": 0}
     validations = []
 
     def before_training() -> dict[str, float]:
         validations.append(len(validations))
         return {"val/accuracy": 0.25}
 
-    # Steps draw 2, 1, 3, 2 generation batches; the data holds 7: step 4 (index 3) runs out after one batch.
+    # Steps draw 2, 1, 3 generation batches; the data holds 7: step 4 (index 3) runs out after one batch.
+    sampling = _sampling("FTTFFTF", cap=7)
     done = run_steps(
         ctx,
         "rlvr",
         {},
         total_steps=10,
         save_every=0,
-        step_fn=_capped_step_fn(state, [2, 1, 3, 2, 2], cap=7),
-        state=state,
+        step_fn=_step_fn(sampling),
+        state=sampling,
         before_training=before_training,
     )
     assert done == 3 and validations == [0]
-    records = [(r["step"], sorted(k for k in r if "/" in k)) for r in read_metrics(tmp_path / "metrics.jsonl")]
-    assert records == [(0, ["val/accuracy"]), (1, ["reward/mean"]), (2, ["reward/mean"]), (3, ["reward/mean"])]
+    records = [
+        (r["step"], r.get("dynamic_sampling/generation_batches")) for r in read_metrics(tmp_path / "metrics.jsonl")
+    ]
+    assert records == [(0, None), (1, 2), (2, 1), (3, 3)]
     manager = CheckpointManager(tmp_path / "checkpoints" / "rlvr")
     assert manager.steps() == [3]  # the last completed step is saved when the data runs out
+    assert manager.restore({})["meta"]["state"] == {"generation_batches": 7}  # all drawn; the format of before
 
     # A resumed run restores the data position (all 7 batches drawn), runs out at once, and validates no second time.
-    resumed_state = {"generation_batches": 0}
+    resumed = _sampling("FTTFFTF", cap=7)
     done = run_steps(
         ctx,
         "rlvr",
         {},
         total_steps=10,
         save_every=0,
-        step_fn=_capped_step_fn(resumed_state, [2, 1, 3, 2, 2], cap=7),
-        state=resumed_state,
+        step_fn=_step_fn(resumed),
+        state=resumed,
         before_training=before_training,
     )
-    assert done == 3 and resumed_state == {"generation_batches": 7} and validations == [0]
+    assert done == 3 and resumed.state_dict() == {"generation_batches": 7} and validations == [0]
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1, 2, 3]
 
 
 def test_a_stage_with_enough_data_runs_all_its_steps(tmp_path: Path) -> None:
-    state = {"generation_batches": 0}
-    step_fn = _capped_step_fn(state, [1, 1, 1], cap=7)
-    done = run_steps(_context(tmp_path), "rlvr", {}, total_steps=3, save_every=2, step_fn=step_fn, state=state)
+    sampling = _sampling("TTTTTTT", cap=7)
+    done = run_steps(
+        _context(tmp_path), "rlvr", {}, total_steps=3, save_every=2, step_fn=_step_fn(sampling), state=sampling
+    )
     assert done == 3 and CheckpointManager(tmp_path / "checkpoints" / "rlvr").steps() == [2, 3]
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]  # no validation: none asked

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from prism_mcore.algorithms import policy_loss_preset
-from prism_mcore.data.batching import pack_token_ids
+from prism_mcore.data.batching import batch_for_step, pack_token_ids
 from prism_mcore.data.samples import TokenSequence
 from prism_mcore.report import comparison, stage_table
-from prism_mcore.stages.common import awake, batch_for_step, dp_share, or_filler, periodic_validation
+from prism_mcore.stages.evaluation import periodic_validation
+from prism_mcore.stages.rollouts import awake
 from prism_mcore.training.forward import _padded, policy_loss_fraction, sequence_rows, token_batch
+from prism_mcore.training.sharding import dp_share, or_filler
 from prism_mcore.training.step import Filler
 
 
@@ -29,14 +31,14 @@ def test_batch_for_step_is_a_resumable_function_of_the_step() -> None:
 
 
 def _ranks(dp: int) -> list[SimpleNamespace]:
-    return [SimpleNamespace(env=SimpleNamespace(dp=dp, dp_rank=rank)) for rank in range(dp)]
+    return [SimpleNamespace(dp=dp, dp_rank=rank) for rank in range(dp)]
 
 
 def test_data_parallel_shares_are_contiguous_and_cover_the_batch_once() -> None:
     items = list(range(10))
-    shares = [dp_share(ctx, items) for ctx in _ranks(4)]
+    shares = [dp_share(env, items) for env in _ranks(4)]
     assert shares == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]  # sizes differ by at most one, order kept
-    assert [dp_share(ctx, items[:2]) for ctx in _ranks(4)] == [[0], [1], [], []]
+    assert [dp_share(env, items[:2]) for env in _ranks(4)] == [[0], [1], [], []]
     assert or_filler([], lambda: "first sample") == [Filler("first sample")]  # an empty share still runs
     assert or_filler(["a"], lambda: pytest.fail("not needed")) == ["a"]
 
@@ -53,7 +55,7 @@ class RecordingEngine:
 
 
 def test_an_offloading_engine_holds_memory_only_while_it_works() -> None:
-    from prism_mcore.stages.common import RunContext
+    from prism_mcore.stages.context import RunContext
 
     def context(offload: bool) -> SimpleNamespace:
         config = SimpleNamespace(rollout=SimpleNamespace(offload_during_training=offload))
@@ -180,24 +182,24 @@ class SegmentBuilder:
 
 
 def test_discriminator_microbatches_share_teachers_and_count_valid_samples_per_microbatch() -> None:
-    from prism_mcore.stages.align import discriminator_microbatches
+    from prism_mcore.training.sharding import discriminator_microbatches
 
-    ctx = SimpleNamespace(env=SimpleNamespace(dp=1, dp_rank=0), builder=SegmentBuilder())
+    builder, env = SegmentBuilder(), SimpleNamespace(dp=1, dp_rank=0)
     samples = [
         SimpleNamespace(uid=uid, format_valid=valid)
         for uid, valid in (("a", True), ("a", False), ("a", True), ("b", True), ("b", True))
     ]
     # A sample costs 7 tokens, plus 10 for its prompt's teacher when the micro-batch has none yet: budget 30 takes
     # a1+a2 (24), a3 (17: a1+a2+a3 would be 31), b1+b2 (24).
-    batches = discriminator_microbatches(ctx, samples, budget=30)
+    batches = discriminator_microbatches(builder, env, samples, budget=30)
     assert [b.valid.tolist() for b in batches] == [[True, False], [True], [True, True]]
     assert [b.num_prompts for b in batches] == [1, 1, 1]
     assert [b.packed.num_sequences for b in batches] == [6, 4, 6]  # 2 segments per student, 2 per teacher
     assert [b.packed.num_tokens for b in batches] == [24, 17, 24]
     assert [b.num_valid_global for b in batches] == [1, 1, 2]  # N_v of each micro-batch (one rank)
     # A budget below one sample's 17 tokens: each sample alone, none dropped.
-    alone = discriminator_microbatches(ctx, samples, budget=10)
+    alone = discriminator_microbatches(builder, env, samples, budget=10)
     assert [b.valid.numel() for b in alone] == [1] * 5 and [b.packed.num_tokens for b in alone] == [17] * 5
     # Two prompts in one micro-batch: each student points at its own prompt's teacher pair.
-    both = discriminator_microbatches(ctx, samples, budget=100)
+    both = discriminator_microbatches(builder, env, samples, budget=100)
     assert len(both) == 1 and both[0].num_prompts == 2 and both[0].teacher_index.tolist() == [0, 0, 0, 1, 1]

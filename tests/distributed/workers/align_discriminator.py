@@ -5,7 +5,7 @@ first two micro-batches and the second rank the third, so the second rank runs a
 * `reference_scores`: the old path's advantage scores, an eval-mode forward of each student segment alone before
   the update (the reference scores one sample at a time);
 * `scores`: the new path's, read off the update's own forward (`discriminator_forward(on_scores=...)`) and shared
-  over the data-parallel ranks (`align.RolloutScores`);
+  over the data-parallel ranks (`training.scoring.RolloutScores`);
 * for both update paths (`old`: every sequence carries its images, and the filler is a copy of a real
   micro-batch; `new`: each image is encoded once per step, its later uses get the encoding and send their
   gradients back through one backward of the tower, and the filler is tiny): the step's metrics, the gradient norm,
@@ -33,8 +33,8 @@ def main() -> None:
     from prism_mcore.models import build_discriminator, forward_kwargs, token_multiple
     from prism_mcore.record import ImageInputs
     from prism_mcore.runtime import init_distributed, shutdown
-    from prism_mcore.stages.align import RolloutScores
     from prism_mcore.training.forward import DiscriminatorBatch, discriminator_forward
+    from prism_mcore.training.scoring import RolloutScores
     from prism_mcore.training.step import Filler, build_optimizer, train_step, wrap_ddp
     from tests.torchrun import write_rank_result
     from tests.unit.models.tiny_checkpoints import IMAGE, image_text_inputs
@@ -104,7 +104,7 @@ def main() -> None:
         torch.manual_seed(11)  # the value head's dropout draws the same masks in both paths
         step = train_step(models, optimizer, scheduler, discriminator_forward(loss_config, scores), microbatches)
         if path == "new":
-            scores.assign(SimpleNamespace(env=env), samples, loss_config.score_clip)
+            scores.assign(env, samples, loss_config.score_clip)
             result["scores"] = [[s.caption_score, s.cot_score] for s in samples]
             result["fillers"] = step.filler_microbatches
             result["images"] = step_image_count([b.packed for b in microbatches if not isinstance(b, Filler)])

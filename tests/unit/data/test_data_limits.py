@@ -15,11 +15,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from prism_mcore.data import errors
+from prism_mcore.data.batching import batch_for_step
 from prism_mcore.data.embedded.build import EmbeddedAssets
 from prism_mcore.data.errors import DataError, DataStats, checked
 from prism_mcore.data.readers import open_prompts, open_sft
 from prism_mcore.data.samples import LengthLimits, SampleBuilder
-from prism_mcore.stages.common import batch_for_step
 
 MAX_ROW_BYTES = 32 * 2**20  # the documented default of data.max_row_bytes
 GOOD = {

@@ -17,9 +17,9 @@ from prism_mcore.data import errors
 from prism_mcore.data.errors import DataError
 from prism_mcore.data.readers import open_sft
 from prism_mcore.data.samples import SampleBuilder
-from prism_mcore.stages.common import run_steps
-from prism_mcore.stages.errors import StageFailed
 from prism_mcore.stages.sft import require_usable_row
+from prism_mcore.training.errors import StageFailed
+from prism_mcore.training.loop import run_steps
 from prism_mcore.training.metrics import MetricsLogger, read_metrics
 
 REPO = Path(__file__).parents[3]
