@@ -197,3 +197,34 @@ def test_fp8_settings_with_transformer_engine(monkeypatch) -> None:
     assert backend.fp8_settings("current", "te") == {"fp8": "hybrid", "fp8_recipe": "tensorwise"}
     with pytest.raises(ValueError, match=r"^model.fp8='delayed' needs Transformer Engine layers.*'sdpa'"):
         backend.fp8_settings("delayed", "sdpa")
+
+
+def test_alignment_rows_go_to_their_own_table_and_the_before_side_encodes_per_microbatch(bench, tmp_path) -> None:
+    """The align-* rows: their numbers as written (work per prompt against the reference's 6n / 2n), a table added
+    to a BENCHMARKS.md that predates it, and the "before" switch that gives `training.step` no step image cache."""
+    import prism_mcore.training.step as step_module
+    from prism_mcore.models import step_images
+
+    row = bench.AlignRow(
+        workload="align-d", n=8, prompts=4, device="CPU (2 threads)", before_ms=2000.0, after_ms=1500.0,
+        d_images_before=3.5, d_images_after=1.0, policy_images_before=2.25, policy_images_after=1.0,
+        d_sequences=20.0, d_tokens=2741.0, reference_d_tokens=6630.0,
+    )  # fmt: skip
+    assert row.ratio == 0.75
+    line = bench.format_align_row(row, run=3)
+    assert line == (
+        "| 3 | align-d | 8 | 4 | CPU (2 threads) | 2,000 | 1,500 | 0.75 | 3.5, 1 (48) | 2.25, 1 (16) | 20 (48) "
+        "| 2,741 (6,630) |"
+    )
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(bench.skeleton().replace(bench._align_section(), "") + "\n## Kernels\n")
+    run_row = {"date": "2026-12-03", "device": "CPU", "versions": "v", "command": "c", "notes": "n"}
+    assert bench.append_results(out, [], run_row, [row]) == 1
+    text = out.read_text()
+    assert text.index(bench.ALIGN_TITLE) < text.index(bench.TITLES["logprobs"]) < text.index("## Kernels")
+    assert line.replace("| 3 |", "| 1 |") in text.splitlines()
+
+    with bench.image_encoding(before=True):
+        with step_module.step_images([]) as images:
+            assert isinstance(images, bench._NoStepImages)
+    assert step_module.step_images is step_images
