@@ -3,6 +3,7 @@
     python tools/benchmark.py                                  # GPU: 2B, 4B, 8B shapes; CPU: the tiny shape
     python tools/benchmark.py --shapes 2b --workloads sft,rl   # a part of the GPU run
     python tools/benchmark.py --shapes tiny --steps 1 --warmup 1 --out /tmp/B.md --json /tmp/B.json
+    python tools/benchmark.py --workloads align-d,align-step --align-n 4,8,16   # not in the default run
 
 Workloads (one table each in BENCHMARKS.md):
 
@@ -12,6 +13,9 @@ Workloads (one table each in BENCHMARKS.md):
 | `rl`       | policy train step, clipped policy loss with the `grpo` preset (`training.forward.policy_forward`)      |
 | `disc`     | discriminator train step, alignment loss (`training.forward.discriminator_forward`) on Qwen3-VL-MoE    |
 | `logprobs` | log-prob recomputation: a forward without gradients giving log p of every target token                |
+| `align-d`  | the alignment stage's D phase (`stages.align.discriminator_phase`: micro-batches, one D step whose      |
+|            | forward also scores the rollouts), embedded default, before/after one vision encoding per image per step|
+| `align-step` | `align-d`, then the advantage and the policy step (`stages.align.policy_phase`); likewise            |
 
 A step is `--microbatches` micro-batches (default 4 on GPU, 2 on CPU), each one packed row of 4,096 tokens holding
 several sequences, each with one image; the training workloads end with one optimizer step.
@@ -77,6 +81,15 @@ of m^2 = 4 patches each, n_ds deepstack mergers, output width o = h:
     training = 3 * forward (backward = 2 x forward); for the language model that is the usual
                6 * N_text * tokens + 12 * L * n_q * d * sum_i s_i*(s_i + 1)/2
     log-prob recomputation = forward
+
+The alignment workloads (`align-d`, `align-step`) run the stage's own functions on the embedded default (tiny
+Qwen3-VL policy and MoE discriminator; `--align-policy` / `--align-discriminator` take trained exports) on one
+step's rollouts at each `--align-n` (`--align-prompts` prompts, generated once and untimed). "Before" is the same
+code with `training.step`'s per-step image cache replaced by one that keeps nothing (`image_encoding`), which is
+main@7713376's path: every micro-batch encodes its own images. Before and after alternate step by step. Rows give
+the median wall time of each, their ratio, and per prompt of one step: vision-tower images in D and in the policy
+(before, after; the reference trainer encodes 6n in D and 2n in the policy), D's packed sequences (reference 6n:
+2n scored, then 4n in the update) and tokens (reference: the same segments, 2 student + 1 teacher pass per sample).
 
 Targets for the GPU run: MFU >= 40 % for the 2B policy step on one H100, and >= 1.5x transformers' tokens/s.
 On CPU every number is labelled CPU: the tiny shapes only show that the harness works, not how fast anything is.

@@ -4,6 +4,7 @@ Six samples of two prompts (one sample format-invalid) in three micro-batches; w
 first two micro-batches and the second rank the third, so the second rank runs a zero-loss filler. Reported:
 * `reference_scores`: the old path's advantage scores, an eval-mode forward of each student segment alone before
   the update (the reference scores one sample at a time);
+* `packing_score_diff`: how far an eval-mode score moves when the same segments are packed in reverse order;
 * `scores`: the new path's, read off the update's own forward (`discriminator_forward(on_scores=...)`) and shared
   over the data-parallel ranks (`training.scoring.RolloutScores`);
 * for both update paths (`old`: every sequence carries its images, and the filler is a copy of a real
@@ -93,6 +94,15 @@ def main() -> None:
                     [pack_sequences([s]).padded_to_multiple(token_multiple(config), 0) for s in p] for p in students
                 ]
                 reference = [[model(**forward_kwargs(b))[0, b.score_indices[0], 0].item() for b in p] for p in alone]
+                # The same 12 segments in one micro-batch, in order and reversed: packing must not move a score.
+                every = [segment for pair in students for segment in pair]
+                packings = []
+                for order in (list(range(12)), list(range(12))[::-1]):
+                    packed = pack_sequences([every[i] for i in order], share_images=True)
+                    packed = packed.padded_to_multiple(token_multiple(config), 0)
+                    scores_in_order = model(**forward_kwargs(packed))[0, packed.score_indices, 0]
+                    packings.append(dict(zip(order, scores_in_order.tolist(), strict=True)))
+                result["packing_score_diff"] = max(abs(packings[0][i] - packings[1][i]) for i in range(12))
             disc.train()
             result["reference_scores"] = [
                 pair if sample.format_valid else [0.0, 0.0] for pair, sample in zip(reference, samples, strict=True)
