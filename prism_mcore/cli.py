@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prism_mcore.config import RECIPES, STAGES, Config, ConfigError, apply_overrides, load_recipe, to_dict
@@ -156,11 +156,9 @@ def check_schedules(config: Config) -> None:
             )
 
 
-def _stage_runner(stage: str):
-    module_name = f"prism_mcore.stages.{stage}"
-    if importlib.util.find_spec("prism_mcore.stages") is None or importlib.util.find_spec(module_name) is None:
-        raise ConfigError(f"stage {stage!r} is not part of this build yet ({module_name} is missing)")
-    return importlib.import_module(module_name).run
+def _stage_runner(stage: str) -> Callable[[Config], None]:
+    """A stage's `run`, imported only once the config checks passed (the stages import Megatron)."""
+    return importlib.import_module(f"prism_mcore.stages.{stage}").run
 
 
 def prepare(command: str, recipe: str, overrides: list[str], world_size: int | None = None) -> tuple[Config, list[str]]:

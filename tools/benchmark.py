@@ -391,6 +391,49 @@ def pad_to_longest(sequences: Sequence[Any], pad_id: int) -> list[Any]:
     return padded
 
 
+@dataclass
+class RightPadded:
+    """Sequences right-padded to the longest one, for transformers' padded forward (the trainer only packs)."""
+
+    input_ids: torch.Tensor  # [B, L], the pad id after each sequence
+    attention_mask: torch.Tensor  # [B, L], 1 on real tokens
+    position_ids: torch.Tensor  # [3, B, L], 0 on padding
+    labels: torch.Tensor  # [B, L], IGNORE_INDEX on padding and where no loss applies
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    score_indices: torch.Tensor | None  # [B]: each row's scored token
+
+
+def right_padded(sequences: Sequence[Any], pad_id: int) -> RightPadded:
+    """`sequences` as one right-padded batch with an attention mask, images concatenated in order."""
+    from prism_mcore.data.samples import IGNORE_INDEX
+
+    rows, longest = len(sequences), max(len(sequence) for sequence in sequences)
+    batch = RightPadded(
+        input_ids=torch.full((rows, longest), pad_id, dtype=torch.long),
+        attention_mask=torch.zeros(rows, longest, dtype=torch.long),
+        position_ids=torch.zeros(3, rows, longest, dtype=torch.long),
+        labels=torch.full((rows, longest), IGNORE_INDEX, dtype=torch.long),
+        pixel_values=None,
+        image_grid_thw=None,
+        score_indices=None,
+    )
+    for row, sequence in enumerate(sequences):
+        size = len(sequence)
+        batch.input_ids[row, :size] = sequence.input_ids
+        batch.attention_mask[row, :size] = 1
+        batch.position_ids[:, row, :size] = sequence.position_ids
+        if sequence.labels is not None:
+            batch.labels[row, :size] = sequence.labels
+    images = [sequence.image_inputs for sequence in sequences if sequence.image_inputs is not None]
+    if images:
+        batch.pixel_values = torch.cat([image.pixel_values for image in images])
+        batch.image_grid_thw = torch.cat([image.image_grid_thw for image in images])
+    if all(sequence.score_index is not None for sequence in sequences):
+        batch.score_indices = torch.tensor([sequence.score_index for sequence in sequences])
+    return batch
+
+
 def advantages_for(count: int, seed: int) -> list[float]:
     """One advantage per sequence, N(0, 1), as group-normalised advantages are distributed."""
     generator = torch.Generator().manual_seed(seed)
@@ -659,7 +702,7 @@ class HFBatch:
 
 def hf_microbatches(shape: ModelShape, workload: str, plan: Workload, count: int, padded: bool) -> list[HFBatch]:
     """The same sequences as `our_microbatches`, packed (one row, position resets) or right-padded for transformers."""
-    from prism_mcore.data.batching import pack_sequences, pad_sequences
+    from prism_mcore.data.batching import pack_sequences
     from prism_mcore.data.samples import IGNORE_INDEX
     from prism_mcore.training.forward import token_batch
 
@@ -668,7 +711,7 @@ def hf_microbatches(shape: ModelShape, workload: str, plan: Workload, count: int
         sequences = build_sequences(shape, plan, seed=index)
         advantages = advantages_for(len(sequences), seed=index)
         if padded:
-            batch = pad_sequences(sequences, shape.ids.pad)
+            batch = right_padded(sequences, shape.ids.pad)
             targets = torch.zeros_like(batch.input_ids)
             targets[:, :-1] = batch.input_ids[:, 1:]
             next_labels = torch.full_like(batch.labels, IGNORE_INDEX)

@@ -9,7 +9,6 @@ without Megatron. The Triton kernels in `prism_kernels` are checked against thes
 from prism_mcore.algorithms.advantages import (
     AdvantageMode,
     AlignmentAdvantageConfig,
-    advantage_mode_from_flags,
     alignment_advantage,
     grpo_advantage,
     replace_invalid_scores,
@@ -27,7 +26,6 @@ from prism_mcore.algorithms.discriminator_loss import (
     discriminator_loss,
     pairwise_warmup_loss,
     sanitize_scores,
-    whole_response_discriminator_loss,
 )
 from prism_mcore.algorithms.groups import group_ids_from_uids, group_mean_std, group_normalize
 from prism_mcore.algorithms.kl import KLEstimator, kl_estimate
@@ -61,7 +59,6 @@ __all__ = [
     "PolicyLossConfig",
     "PolicyLossOutput",
     "RatioLevel",
-    "advantage_mode_from_flags",
     "aggregate_loss",
     "alignment_advantage",
     "collect_informative_groups",
@@ -85,5 +82,4 @@ __all__ = [
     "replace_invalid_scores",
     "sanitize_scores",
     "truncated_importance_weights",
-    "whole_response_discriminator_loss",
 ]

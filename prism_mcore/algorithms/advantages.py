@@ -7,7 +7,7 @@ Alignment combines the discriminator's caption score `c` and CoT score `t` per s
 1. invalid-format samples get the group's minimum valid score minus 1 (or -1 if the group has no valid sample);
 2. both scores are group-normalised and mixed: `A_align = w_cap * GN(c) + w_cot * GN(t)`;
 3. a mode turns `A_align` into the advantage. The reference selects the mode with five boolean flags, checked in
-   priority order; here it is one `AdvantageMode` value (`advantage_mode_from_flags` gives the mapping):
+   priority order; here it is one `AdvantageMode` value (the table gives the mapping):
 
    | mode            | reference flag (priority high -> low) | advantage                                              |
    |-----------------|----------------------------------------|--------------------------------------------------------|
@@ -53,25 +53,6 @@ class AdvantageMode(StrEnum):
     @property
     def needs_rule_reward(self) -> bool:
         return self is not AdvantageMode.MULTI_REWARD
-
-
-def advantage_mode_from_flags(
-    *,
-    use_sign_align: bool = False,
-    use_rlvr_v2: bool = False,
-    use_rlvr: bool = False,
-    use_gated_align: bool = False,
-    use_acc_gating: bool = False,
-) -> AdvantageMode:
-    """The mode the reference's flags select: the first set flag in priority order wins; none set is Mode 1."""
-    by_priority = [
-        (use_sign_align, AdvantageMode.SIGN_ALIGN),
-        (use_rlvr_v2, AdvantageMode.RLVR_V2),
-        (use_rlvr, AdvantageMode.RLVR),
-        (use_gated_align, AdvantageMode.GATED_ALIGN),
-        (use_acc_gating, AdvantageMode.ACC_GATING),
-    ]
-    return next((mode for flag, mode in by_priority if flag), AdvantageMode.MULTI_REWARD)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,4 @@
-"""Discriminator losses: alignment-stage pairwise loss (PRISM_SPEC §3.1, §2.4), warmup loss (§2.5), whole-response
-loss (§8.10).
+"""Discriminator losses: alignment-stage pairwise loss (PRISM_SPEC §3.1, §2.4) and warmup loss (§2.5).
 
 Alignment stage, per micro-batch of B samples, with scores first sanitised (NaN/Inf -> 0) and clipped to [-10, 10]
 (zero gradient outside), `v_i` = 1 for format-valid samples, `n_v = sum v_i` on this rank and `N_v` the same count
@@ -143,15 +142,3 @@ def pairwise_warmup_loss(
         "acc": (margin > 0).float().mean(),
     }
     return DiscriminatorLossOutput(loss=loss, metrics=metrics)
-
-
-def whole_response_discriminator_loss(
-    teacher_token_scores: torch.Tensor,
-    teacher_mask: torch.Tensor,
-    student_token_scores: torch.Tensor,
-    student_mask: torch.Tensor,
-) -> torch.Tensor:
-    """Unused reference variant (`use_gad`): `mean_i -log sigmoid(sum_t teacher_i,t - sum_t student_i,t)` over masks."""
-    teacher_total = (teacher_token_scores.float() * teacher_mask).sum(dim=-1)
-    student_total = (student_token_scores.float() * student_mask).sum(dim=-1)
-    return F.softplus(-(teacher_total - student_total)).mean()

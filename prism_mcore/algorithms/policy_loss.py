@@ -20,15 +20,10 @@ trainer's: each token's loss is multiplied by `min(exp(old - rollout), cap)`, de
 
 Aggregation modes `token-mean`, `seq-mean-token-mean` and `seq-mean-token-sum` are the reference's, computed per
 micro-batch (the reference then weights each micro-batch by micro/mini batch size). `global-token-mean` divides the
-masked loss sum by a token count the caller supplies, so that the optimiser step sees one token mean over all
-micro-batches and data-parallel ranks:
-
-    global_token_count = all_reduce_sum(sum of response-mask tokens over every micro-batch of the step, per DP rank)
-    loss_mb            = sum(L * mask) / global_token_count              # what this function returns
-
-Summing `loss_mb` over micro-batches (gradient accumulation, no extra scaling) and summing gradients over DP ranks
-then yields the exact global mean. Megatron's DDP *averages* gradients over DP, so the train step either multiplies
-the loss by the DP size or, equivalently, passes `global_token_count / dp_size`.
+masked loss sum by a token count the caller supplies (`global_token_count`), so that the optimiser step sees one
+token mean over all micro-batches and data-parallel ranks. The train step gets it without a separate count: it
+passes 1 and hands Megatron (Σ L·mask, tokens) as numerator and denominator, which are summed over micro-batches
+and ranks before the one division (`training.forward.policy_loss_fraction`, `training/step.py`).
 """
 
 from __future__ import annotations

@@ -20,6 +20,16 @@ class ConfigError(ValueError):
     """A config key or value the schema does not allow; the message is one line meant for the user."""
 
 
+# Keys that older recipes and saved configs may still set: each gets its own one-line error saying what to do.
+RETIRED_KEYS = {
+    "data.max_response_length": "was renamed data.max_segment_length (it bounds teacher and warmup segments only; "
+    "responses are bounded by each stage's max_new_tokens)",
+    "data.packing": "was removed: micro-batches are always packed (sized by data.max_tokens_per_microbatch)",
+    "sft.micro_batch_size": "was removed: micro-batches are sized in tokens by data.max_tokens_per_microbatch",
+    "warmup.micro_batch_size": "was removed: micro-batches are sized in tokens by data.max_tokens_per_microbatch",
+}
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
@@ -95,6 +105,8 @@ def _resolve(config: Any, dotted: str, section: bool = False) -> tuple[Any, str,
 
     The key must name a value, or a section when `section` is set (a nested dict in a recipe file).
     """
+    if dotted in RETIRED_KEYS:
+        raise ConfigError(f"{dotted} {RETIRED_KEYS[dotted]}")
     parts = dotted.split(".")
     node = config
     for depth, part in enumerate(parts):

@@ -45,20 +45,18 @@ def embedded() -> Config:
     config.run.output_dir = "runs/embedded"
     config.run.log_every = 10
     config.data.max_prompt_length = 256
-    config.data.max_response_length = 128
+    config.data.max_segment_length = 128
     config.data.max_tokens_per_microbatch = 2048
     config.rollout.n = 8
     config.rollout.max_new_tokens = 128
     config.align.max_new_tokens = 128
     config.rlvr.max_new_tokens = 128
     config.sft.global_batch_size = 16
-    config.sft.micro_batch_size = 8
     config.sft.max_length = 384
     config.sft.epochs = 2.0
     config.sft.save_every = 200
     config.sft.optim.lr = 2e-3
     config.warmup.global_batch_size = 16
-    config.warmup.micro_batch_size = 8
     config.warmup.optim.lr = 5e-4
     config.warmup.self_play_pairs = 256
     config.warmup.save_every = 100
@@ -97,7 +95,7 @@ def qwen3vl_cluster(size: str = "4b", rl: str = "grpo", with_prism: bool = True)
     config.rollout.engine = "sglang"
     config.rollout.weight_sync = "tensor"
     config.data.max_prompt_length = 2048
-    config.data.max_response_length = 8192
+    config.data.max_segment_length = 8192
     config.data.max_tokens_per_microbatch = 8192  # SFT, warmup and alignment (policy and D): 8192 tokens per GPU
     config.rlvr.max_tokens_per_microbatch = 20480 if rl == "gspo" else 10240  # PRISM_SPEC §5.1
     config.rollout.offload_during_training = True  # colocated SGLang servers (tensor weight sync)

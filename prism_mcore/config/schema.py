@@ -1,9 +1,10 @@
 """Typed configuration of a prism_mcore run.
 
 One `Config` describes a whole PRISM run: the shared sections (`run`, `model`, `parallel`, `data`, `rollout`) and
-one section per stage (`sft`, `warmup`, `align`, `rlvr`), each nesting its own `optim` (and, for the RL stages,
-`algorithm`). A recipe is a Python function returning a `Config` (see `recipes.py`); variants are made by changing a
-base config, on the command line by dotted overrides such as `align.optim.lr=1e-6` (see `overrides.py`).
+one section per stage (`sft`, `warmup`, `align`, `rlvr`), each nesting its optimizer settings (`optim`; the
+alignment stage has `policy_optim` and `discriminator_optim`) and, for the RL stages, their `policy_loss`. A recipe is
+a Python function returning a `Config` (see `recipes.py`); variants are made by changing a base config, on the
+command line by dotted overrides such as `rlvr.optim.lr=1e-6` (see `overrides.py`).
 
 Defaults are the released PRISM hyper-parameters (PRISM_SPEC §2.5, §3, §4, §5); the embedded recipe shrinks sizes
 and lengths, never the algorithm. `check_ranges` (every value in its range, every float finite) and
@@ -18,9 +19,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
+from prism_mcore.algorithms.advantages import AdvantageMode
+from prism_mcore.algorithms.policy_loss import POLICY_LOSS_PRESETS, LossAggregation
 from prism_mcore.config.overrides import ConfigError
 
 STAGES = ("sft", "warmup", "align", "rlvr")
+
+# Allowed values that other modules also enumerate are written once. The algorithms' registries give the policy-loss
+# presets, aggregation modes and alignment-advantage modes; the data modules take these three from here.
+PolicyLossPreset = Literal[tuple(POLICY_LOSS_PRESETS)]
+Aggregation = Literal[tuple(mode.value for mode in LossAggregation)]
+AdvantageModeName = Literal[tuple(mode.value for mode in AdvantageMode)]
+OverLength = Literal["filter", "truncate"]  # what happens to an over-long SFT sequence or teacher segment
+OnError = Literal["raise", "skip"]  # what a bad data row does: stop the run, or be counted and skipped
+ImageBackend = Literal["auto", "hf", "dali"]  # image decode: DALI on GPU when installed (auto), or the HF processor
 
 
 @dataclass
@@ -78,17 +90,16 @@ class DataConfig:
     test_path: str = ""
     max_eval_prompts: int = 0  # evaluate on the first N prompts of val/test; 0: all
     max_prompt_length: int = 2048
-    max_response_length: int = 6144
-    over_length: Literal["filter", "truncate"] = "filter"
-    on_error: Literal["raise", "skip"] = "raise"
+    max_segment_length: int = 6144  # teacher caption/CoT and warmup segments (longer: `over_length`)
+    over_length: OverLength = "filter"
+    on_error: OnError = "raise"
     # A row larger than this (its JSONL line, or its parquet/JSON columns, embedded image bytes included) is refused
     # before it is parsed or tokenized: a `row_too_large` data error, raised or skipped by `on_error`.
     max_row_bytes: int = 32 * 2**20
-    image_backend: Literal["auto", "hf", "dali"] = "auto"
+    image_backend: ImageBackend = "auto"
     max_image_mb: float = 32.0  # one encoded image (file, URL or bytes); paths must be regular files
     image_url_deadline_s: float = 30.0  # a whole http(s) image fetch, however slowly its bytes come
     max_tokens_per_microbatch: int = 8192  # dynamic batch size: token budget per micro-batch and GPU
-    packing: bool = True
 
 
 @dataclass
@@ -144,11 +155,11 @@ class PolicyLossSettings:
     KL are off in every released recipe and are not offered.
     """
 
-    preset: Literal["prism_align", "grpo", "dapo", "gspo"] = "grpo"
+    preset: PolicyLossPreset = "grpo"
     clip_low: float | None = None  # None: the preset's value
     clip_high: float | None = None
     dual_clip: float | None = None  # None: the preset's value; 0 disables the dual clip
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "global-token-mean"] | None = None
+    aggregation: Aggregation | None = None
 
 
 @dataclass
@@ -158,7 +169,6 @@ class SFTConfig:
     epochs: float = 1.0
     max_steps: int = 0  # 0: as many as `epochs` take
     global_batch_size: int = 128
-    micro_batch_size: int = 4
     max_length: int = 8192
     eval_every: int = 0
     save_every: int = 500
@@ -174,7 +184,6 @@ class WarmupConfig:
     epochs: float = 1.0
     max_steps: int = 0
     global_batch_size: int = 128  # pairs per step
-    micro_batch_size: int = 4
     aux_loss_coef: float = 0.01
     max_image_side: int = 560
     self_play_pairs: int = 0  # > 0: also pair this many SFT-policy samples against the teacher demonstrations
@@ -203,9 +212,7 @@ class AlignConfig:
     cot_weight: float = 0.5
     format_penalty: float = 1.5
     # multi_reward is the released mode; the others combine D's scores with the rule reward (PRISM_SPEC §4 table)
-    advantage_mode: Literal["multi_reward", "sign_align", "rlvr_v2", "rlvr", "gated_align", "acc_gating"] = (
-        "multi_reward"
-    )
+    advantage_mode: AdvantageModeName = "multi_reward"
     score_clip: float = 10.0
     score_reg_coef: float = 0.001
     policy_loss: PolicyLossSettings = field(default_factory=lambda: PolicyLossSettings(preset="prism_align"))
@@ -293,7 +300,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "parallel.timeout_minutes": _at_least(1),
     "data.max_eval_prompts": _at_least(0),
     "data.max_prompt_length": _at_least(1),
-    "data.max_response_length": _at_least(1),
+    "data.max_segment_length": _at_least(1),
     "data.max_tokens_per_microbatch": _at_least(1),
     "data.max_row_bytes": _at_least(1),
     "rollout.n": _at_least(1),
@@ -313,14 +320,12 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sft.epochs": _above(0),
     "sft.max_steps": _at_least(0),
     "sft.global_batch_size": _at_least(1),
-    "sft.micro_batch_size": _at_least(1),
     "sft.max_length": _at_least(1),
     "sft.eval_every": _at_least(0),
     "sft.save_every": _at_least(0),
     "warmup.epochs": _above(0),
     "warmup.max_steps": _at_least(0),
     "warmup.global_batch_size": _at_least(1),
-    "warmup.micro_batch_size": _at_least(1),
     "warmup.aux_loss_coef": _at_least(0),
     "warmup.max_image_side": _at_least(32),
     "warmup.self_play_pairs": _at_least(0),

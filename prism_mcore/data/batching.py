@@ -1,11 +1,7 @@
-"""Batching: token-budget micro-batches, sequence packing (THD), right-padded batches, and which items a step
-takes (`batch_for_step`: per-epoch shuffles, a pure function of the step).
+"""Batching: token-budget micro-batches, sequence packing (THD), and which items a step takes (`batch_for_step`: per-epoch shuffles, a pure function of the step).
 
 Dynamic batch size (PRISM_SPEC §4, §5.1: "dynamic batch size on; N tokens per GPU"): `token_budget_batches` groups
-sequences so that each micro-batch stays within a token budget, longest first. A packed micro-batch costs the sum of
-its lengths; a padded one costs its longest length times its size.
-
-Two batch forms, with the same content:
+sequences so that each packed micro-batch stays within a token budget (the sum of its lengths), longest first.
 
 - `PackedBatch` is what a packed (THD / varlen) forward takes: all sequences concatenated into one row
   (`input_ids [1, T]`), their MRoPE positions concatenated per sequence (`position_ids [3, 1, T]`, each sequence
@@ -15,7 +11,6 @@ Two batch forms, with the same content:
   (with each sequence's images) and `pack_padded` the rows of a `[b, s]` batch of any padding side: these leave the
   positions to the model (`position_ids=None`) and carry no loss; `unpack_to_padded` puts per-token outputs back.
   `models.forward_kwargs(batch)` turns a `PackedBatch` into the Megatron forward's arguments.
-- `PaddedBatch` is right-padded `[B, L]` with an attention mask, for HF/reference paths.
 
 Labels follow the transformers convention: unshifted, the target token id where a loss applies and -100 elsewhere.
 The first token of every built sequence is a prompt token, so shifting a packed row never trains one sequence's last
@@ -25,7 +20,7 @@ token on the next sequence's first; `PackedBatch.next_token_labels` gives the sh
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -155,19 +150,6 @@ class PackedBatch:
         shifted[:, :-1] = values[:, 1:]
         shifted[:, self.cu_seqlens[1:].long() - 1] = fill
         return shifted
-
-
-@dataclass
-class PaddedBatch:
-    """Sequences right-padded to the longest one."""
-
-    input_ids: torch.Tensor  # [B, L] int64, pad_token_id after each sequence
-    attention_mask: torch.Tensor  # [B, L] int64, 1 on real tokens
-    position_ids: torch.Tensor  # [3, B, L] int64, 0 on padding
-    labels: torch.Tensor  # [B, L] int64, IGNORE_INDEX on padding and where no loss applies
-    pixel_values: torch.Tensor | None
-    image_grid_thw: torch.Tensor | None
-    score_indices: torch.Tensor | None = None  # [B] int64: each row's scored token
 
 
 def _labels(sequence: TokenSequence) -> torch.Tensor:
@@ -309,52 +291,16 @@ def unpack_to_padded(values: torch.Tensor, attention_mask: torch.Tensor, fill: f
     return out
 
 
-def pad_sequences(sequences: Sequence[TokenSequence], pad_token_id: int) -> PaddedBatch:
-    """Right-pad `sequences` into one `PaddedBatch`."""
-    if not sequences:
-        raise ValueError("cannot pad an empty list of sequences")
-    batch, length = len(sequences), max(len(sequence) for sequence in sequences)
-    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(batch, length, dtype=torch.long)
-    position_ids = torch.zeros(3, batch, length, dtype=torch.long)
-    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        size = len(sequence)
-        input_ids[row, :size] = sequence.input_ids
-        attention_mask[row, :size] = 1
-        position_ids[:, row, :size] = sequence.position_ids
-        labels[row, :size] = _labels(sequence)
-    pixel_values, image_grid_thw = _image_inputs([sequence.image_inputs for sequence in sequences])
-    return PaddedBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        labels=labels,
-        pixel_values=pixel_values,
-        image_grid_thw=image_grid_thw,
-        score_indices=_score_indices(sequences, [0] * batch),
-    )
+def token_budget_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Group indices of `lengths` into packed micro-batches of at most `max_tokens` tokens each, longest first.
 
-
-def token_budget_batches(lengths: Sequence[int], max_tokens: int, padded: bool = False) -> list[list[int]]:
-    """Group indices of `lengths` into micro-batches of at most `max_tokens` tokens each, longest first.
-
-    Packed (`padded=False`), a micro-batch costs the sum of its lengths, and sequences go first-fit-decreasing into
-    the first micro-batch with room, which keeps their number close to the minimum. Padded, it costs its longest
-    length times its size, so the length-sorted sequences are cut into consecutive runs.
+    A micro-batch costs the sum of its lengths, and sequences go first-fit-decreasing into the first micro-batch with
+    room, which keeps their number close to the minimum.
     """
     order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
     if order and lengths[order[0]] > max_tokens:
         raise ValueError(f"a sequence of {lengths[order[0]]} tokens does not fit max_tokens={max_tokens}")
     batches: list[list[int]] = []
-    if padded:
-        for index in order:
-            # In descending order, the first member of the open batch is its longest.
-            if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
-                batches[-1].append(index)
-            else:
-                batches.append([index])
-        return batches
     loads: list[int] = []
     for index in order:
         fitting = next((b for b, load in enumerate(loads) if load + lengths[index] <= max_tokens), None)
@@ -365,30 +311,6 @@ def token_budget_batches(lengths: Sequence[int], max_tokens: int, padded: bool =
             batches[fitting].append(index)
             loads[fitting] += lengths[index]
     return batches
-
-
-def stream_token_budget_batches(
-    sequences: Iterable[TokenSequence], max_tokens: int, window: int, padded: bool = False
-) -> Iterator[list[TokenSequence]]:
-    """Token-budget micro-batches over a stream: each `window` consecutive sequences are grouped together.
-
-    A window of a few hundred sequences gives micro-batches of similar lengths while keeping the data order
-    (shuffled upstream) random at the scale of an epoch.
-    """
-    buffer: list[TokenSequence] = []
-    for sequence in sequences:
-        buffer.append(sequence)
-        if len(buffer) == window:
-            yield from _group(buffer, max_tokens, padded)
-            buffer = []
-    if buffer:
-        yield from _group(buffer, max_tokens, padded)
-
-
-def _group(buffer: list[TokenSequence], max_tokens: int, padded: bool) -> Iterator[list[TokenSequence]]:
-    lengths = [len(sequence) for sequence in buffer]
-    for indices in token_budget_batches(lengths, max_tokens, padded):
-        yield [buffer[index] for index in indices]
 
 
 def prompt_order(num_prompts: int, seed: int, epoch: int) -> list[int]:

@@ -14,9 +14,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import TypeVar
 
-OnError = Literal["raise", "skip"]
+from prism_mcore.config.schema import OnError
 
 # Reasons, used as stable keys of `DataStats.skipped`.
 MISSING_FIELD = "missing_field"

@@ -41,13 +41,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from prism_mcore.config.schema import ImageBackend
 from prism_mcore.data.errors import (
     IMAGE_ASPECT_RATIO,
     IMAGE_TOO_LARGE,
@@ -56,8 +57,6 @@ from prism_mcore.data.errors import (
     DataError,
 )
 from prism_mcore.record import ImageInputs
-
-ImageBackend = Literal["auto", "hf", "dali"]
 
 # Qwen's smart resize refuses images whose long side is more than 200 times the short side.
 MAX_ASPECT_RATIO = 200.0

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal, overload
+from typing import Any, overload
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from prism_mcore.config.schema import OverLength
 from prism_mcore.data.errors import IMAGE_COUNT_MISMATCH, TOO_LONG, DataError, DataStats, OnError, checked, located
 from prism_mcore.data.images import ImageProcessor
 from prism_mcore.data.prompts import IMAGE_PLACEHOLDER, SYSTEM_PROMPT
@@ -79,9 +80,9 @@ class LengthLimits:
     """Token limits and the over-length policy."""
 
     max_prompt_length: int = 2048
-    max_response_length: int = 6144  # also bounds teacher and warmup segments (Decision 1)
+    max_segment_length: int = 6144  # teacher caption/CoT and warmup segments (Decision 1)
     max_sequence_length: int = 8192  # SFT conversations, prompt and targets together
-    over_length: Literal["filter", "truncate"] = "filter"
+    over_length: OverLength = "filter"
 
 
 def mrope_position_ids(
@@ -298,7 +299,7 @@ class SampleBuilder:
     def prompt_sample(self, record: PromptRecord, with_teacher: bool = True) -> Sample:
         """A `Sample` ready for rollout: prompt ids, image inputs, answers and (`with_teacher`) teacher texts.
 
-        Teacher segments longer than `max_response_length` filter the prompt out (a `TOO_LONG` skip, counted, never
+        Teacher segments longer than `max_segment_length` filter the prompt out (a `TOO_LONG` skip, counted, never
         an abort) or count as truncated here, once per prompt; `teacher_segments` cuts them the same way. Without
         `with_teacher` (RL and evaluation prompts, which never use them) the teacher texts are dropped unchecked.
         """
@@ -335,7 +336,7 @@ class SampleBuilder:
         A caption ends at its last non-space character (the end of `</caption>`), where it is scored; a CoT or a
         whole response ends with `<|im_end|>`, which a cut keeps, so it is still the scored token.
         """
-        limit = self.limits.max_response_length
+        limit = self.limits.max_segment_length
         if kind == "caption":
             ids, closing = self.encode(text.rstrip()), []
         else:
@@ -343,7 +344,7 @@ class SampleBuilder:
         if len(ids) + len(closing) <= limit:
             return ids + closing, False
         if self.limits.over_length == "filter":
-            message = f"{kind} segment is {len(ids) + len(closing)} tokens, over max_response_length={limit}"
+            message = f"{kind} segment is {len(ids) + len(closing)} tokens, over max_segment_length={limit}"
             raise DataError(TOO_LONG, message, field=field)
         return ids[: limit - len(closing)] + closing, True
 

@@ -32,7 +32,6 @@ _EXPORTS = {
     "build_policy": "build",
     "forward_kwargs": "inputs",
     "iter_hf_weights": "export",
-    "last_token_scores": "discriminator",
     "packed_seq_params": "inputs",
     "padding_token_id": "inputs",
     "record_eval_scores": "discriminator",

@@ -1,8 +1,7 @@
-"""Build the policy, a frozen reference and the discriminator as Megatron models from HF checkpoint folders.
+"""Build the policy and the discriminator as Megatron models from HF checkpoint folders.
 
     env = init_distributed(cfg.parallel, seed)                      # process groups first
     policy = build_policy(cfg.model, cfg.parallel)                   # Qwen3-VL from cfg.model.policy_path
-    reference = build_policy(cfg.model, cfg.parallel, frozen=True)   # only when a KL term needs one
     disc = build_discriminator(cfg.model, cfg.parallel)              # Qwen3-VL-MoE + value head (PRISM_SPEC §2)
 
 Each returns a `ModelHandle`: the model chunks (one per virtual pipeline stage; this rank's TP/PP/EP shard, wrapped in
@@ -12,8 +11,7 @@ Megatron's `Float16Module` when bf16), the Megatron config, and the HF checkpoin
 policy may also be a Qwen3-VL-MoE checkpoint. Precision follows `model.dtype` (auto: bf16 on GPU, fp32 on CPU) and
 the attention backend `model.attention_backend` (auto: Transformer Engine when installed, else torch SDPA).
 
-Models come back in train mode and trainable, except `frozen=True` (eval mode, no gradients). The caller wraps them in
-DDP for training (`training/step.py`).
+Models come back in train mode and trainable. The caller wraps them in DDP for training (`training/step.py`).
 """
 
 from __future__ import annotations
@@ -58,21 +56,14 @@ class ModelHandle:
         return self.train(False)
 
 
-def build_policy(
-    model: ModelConfig, parallel: ParallelConfig, *, path: str | Path | None = None, frozen: bool = False
-) -> ModelHandle:
-    """The policy (or, with `frozen=True`, a reference model) from `path` or `model.policy_path`."""
+def build_policy(model: ModelConfig, parallel: ParallelConfig, *, path: str | Path | None = None) -> ModelHandle:
+    """The policy from `path` or `model.policy_path`."""
     path = _checkpoint_path(path or model.policy_path, "model.policy_path")
     pretrained = PreTrainedCausalLM.from_pretrained(path)
     model_type = pretrained.config.model_type
     if model_type not in _BRIDGES:
         raise ValueError(f"{path}: model_type {model_type!r} is not Qwen3-VL (expected one of {sorted(_BRIDGES)})")
-    handle = _build(path, pretrained, _BRIDGES[model_type](), model, parallel)
-    if frozen:
-        for chunk in handle.chunks:
-            chunk.requires_grad_(False)
-        handle.eval()
-    return handle
+    return _build(path, pretrained, _BRIDGES[model_type](), model, parallel)
 
 
 def build_discriminator(

@@ -14,9 +14,8 @@ written. An HF checkpoint without `v_head.1.weight` (a freshly upcycled backbone
 no lm_head: its HF export omits `lm_head.weight` (transformers then initialises an unused one if the folder is
 loaded as a `Qwen3VLMoeForConditionalGeneration`).
 
-Reading scores: `last_token_scores` takes the last *non-pad* token of each row of a padded batch, whatever the padding
-side (the reference's padding-side guess from `attention_mask[0, 0]` is the ⚠ of §2.5). A packed batch is read at
-its `score_indices` (`training.forward`), which padding the batch to a token multiple leaves in place; its last
+Reading scores: a packed batch is read at its `score_indices` (`training.forward`: each segment's last real token,
+so no padding side is guessed, the reference's ⚠ of §2.5), which padding the batch to a token multiple leaves in place; its last
 `cu_seqlens` segment then ends in pad tokens, so segment ends are not the scored tokens.
 """
 
@@ -130,17 +129,3 @@ class DiscriminatorBridge(Qwen3VLMoEBridge):
         if hf_param == VALUE_HEAD_HF_NAME and VALUE_HEAD_HF_NAME not in hf_state_dict:
             return None
         return super().maybe_modify_loaded_hf_weight(hf_param, hf_state_dict)
-
-
-def last_token_scores(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Score at the last non-pad token of each row: scores `[b, s]` (or `[b, s, 1]`), mask `[b, s]` -> `[b]`.
-
-    Works for left, right or mixed padding; a row without any real token is an error.
-    """
-    scores = scores.squeeze(-1) if scores.dim() == 3 else scores
-    mask = attention_mask.bool()
-    if not bool(mask.any(dim=1).all()):
-        raise ValueError("a row of the batch has no real (non-pad) token to score")
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last = torch.where(mask, positions, -1).amax(dim=1)
-    return scores.gather(1, last[:, None]).squeeze(1)

@@ -61,6 +61,7 @@ def build_weight_sync(config: RolloutConfig, policy_path: str | Path, run_dir: s
         return DistributedWeightSync(
             master_address=config.weight_sync_master_address or socket.gethostname(),
             master_port=config.weight_sync_master_port,
+            backend="nccl" if torch.cuda.is_available() else "gloo",  # CPU servers (the project's) join gloo groups
             bucket_bytes=bucket_bytes,
             timeout_s=config.request_timeout_s,
         )
@@ -116,7 +117,11 @@ def build_rollout_engine(
         vision_token_ids=config_vision_token_ids(AutoConfig.from_pretrained(str(policy_path), local_files_only=True)),
         weight_version=weight_version,
     )
-    engine.wait_until_ready(config.server_ready_timeout_s)
-    if load_checkpoint:
-        engine.update_weights(weights_for_sync(read_hf_weights(policy_path), config, device), weight_version)
+    try:
+        engine.wait_until_ready(config.server_ready_timeout_s)
+        if load_checkpoint:
+            engine.update_weights(weights_for_sync(read_hf_weights(policy_path), config, device), weight_version)
+    except BaseException:
+        engine.close()  # its request threads, connections and any weight-sync group it opened
+        raise
     return engine

@@ -150,10 +150,6 @@ class RolloutEngine(ABC):
         the tensors one by one without holding the whole model.
         """
 
-    def health_check(self) -> bool:
-        """True when the engine can generate now."""
-        return True
-
     @abstractmethod
     def release_memory(self) -> None:
         """Free accelerator memory for training (colocated mode); `resume_memory` must precede the next generate."""

@@ -123,9 +123,6 @@ class SGLangEngine(RolloutEngine):
         """Whether each server can generate now (`/health_generate`, one generated token)."""
         return {endpoint.url: self._answers_health_generate(endpoint) for endpoint in self.endpoints}
 
-    def health_check(self) -> bool:
-        return any(self.server_health().values())
-
     # ---- generation ----
 
     def generate(self, prompts: Sequence[Sample], params: SamplingParams) -> list[Sample]:

@@ -43,7 +43,7 @@ from prism_mcore.stages.context import (
     start_stage,
 )
 from prism_mcore.stages.evaluation import evaluate_splits, periodic_validation, validation, validation_params
-from prism_mcore.stages.rollouts import make_engine, rollout, rollout_metrics, sync_weights
+from prism_mcore.stages.rollouts import rollout, rollout_engine, rollout_metrics, sync_weights
 from prism_mcore.training.forward import discriminator_forward, policy_forward
 from prism_mcore.training.loop import Trainable, make_trainable, run_steps
 from prism_mcore.training.loss_config import policy_loss_config
@@ -119,7 +119,6 @@ def run(config: Config) -> None:
         config.parallel,
         offload_when_idle=cfg.offload_idle_states,
     )
-    engine = make_engine(ctx, policy_path)
     budget = token_budget(config.data, cfg.max_tokens_per_microbatch)
     advantage_config = AlignmentAdvantageConfig(
         mode=cfg.advantage_mode,
@@ -152,7 +151,6 @@ def run(config: Config) -> None:
             "reward/caption_score_std": caption.std(correction=0).item(),
             "reward/cot_score_mean": cot.mean().item(),
             "reward/cot_score_std": cot.std(correction=0).item(),
-            "reward/format_scores_mean": sum(s.format_valid for s in samples) / len(samples),
             "advantage_mean": advantages.mean().item(),
             **{f"critic/{k}": v for k, v in d_result.metrics.items()},
             "critic/grad_norm": d_result.grad_norm,
@@ -162,28 +160,31 @@ def run(config: Config) -> None:
             "actor/grad_norm": p_result.grad_norm,
             "actor/lr": p_result.lr,
             "actor/skipped": float(p_result.skipped),
+            "skipped": float(d_result.skipped or p_result.skipped),  # as every stage logs it
             **work_counters(ctx.env, d_batches, d_result, p_batches, p_result),
         }
 
-    run_steps(
-        ctx,
-        STAGE,
-        {"policy": policy, "discriminator": discriminator},
-        cfg.steps,
-        cfg.save_every,
-        step_fn,
-        log_keys=(
-            "reward/caption_score_mean",
-            "reward/cot_score_mean",
-            "reward/format_valid_ratio",
-            "critic/d_acc",
-            "critic/d_loss",
-            "actor/pg_loss",
-        ),
-        on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
-        before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
-    )
-    record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine, val_params)}
-    record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
-    record[DISCRIMINATOR_HF] = str(save_hf(discriminator.handle, ctx.stage_dir("hf", "align_discriminator")))
+    # One engine for the stage, closed however the stage ends (`step_fn` samples from it).
+    with rollout_engine(ctx, policy_path) as engine:
+        run_steps(
+            ctx,
+            STAGE,
+            {"policy": policy, "discriminator": discriminator},
+            cfg.steps,
+            cfg.save_every,
+            step_fn,
+            log_keys=(
+                "reward/caption_score_mean",
+                "reward/cot_score_mean",
+                "reward/format_valid_ratio",
+                "critic/d_acc",
+                "critic/d_loss",
+                "actor/pg_loss",
+            ),
+            on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
+            before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
+        )
+        record = {"steps": cfg.steps, "eval": evaluate_splits(ctx, engine, val_params)}
+    record[POLICY_HF] = str(save_hf(policy.handle, ctx.run_path("hf", STAGE)))
+    record[DISCRIMINATOR_HF] = str(save_hf(discriminator.handle, ctx.run_path("hf", "align_discriminator")))
     finish_stage(ctx, STAGE, record)

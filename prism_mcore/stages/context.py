@@ -61,8 +61,9 @@ class RunContext:
     def is_main(self) -> bool:
         return self.env.rank == 0
 
-    def stage_dir(self, kind: str, stage: str) -> Path:
-        return self.run_dir / kind / stage
+    def run_path(self, folder: str, name: str) -> Path:
+        """`<run_dir>/<folder>/<name>`: a stage's folder (`checkpoints/sft`, `hf/align`) or file (`stages/*.json`)."""
+        return self.run_dir / folder / name
 
     def barrier(self) -> None:
         dist.barrier()
@@ -120,7 +121,7 @@ def setup(config: Config) -> RunContext:
     )
     limits = LengthLimits(
         max_prompt_length=config.data.max_prompt_length,
-        max_response_length=config.data.max_response_length,
+        max_segment_length=config.data.max_segment_length,
         max_sequence_length=config.sft.max_length,
         over_length=config.data.over_length,
     )

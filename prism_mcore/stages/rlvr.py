@@ -28,7 +28,7 @@ from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
 from prism_mcore.stages.context import POLICY_HF, finish_stage, input_checkpoint, load_prompts, start_stage
 from prism_mcore.stages.evaluation import evaluate_splits, periodic_validation, validation, validation_params
-from prism_mcore.stages.rollouts import make_engine, rollout, rollout_metrics, sync_weights
+from prism_mcore.stages.rollouts import rollout, rollout_engine, rollout_metrics, sync_weights
 from prism_mcore.training.forward import policy_forward
 from prism_mcore.training.loop import DataExhausted, make_trainable, run_steps
 from prism_mcore.training.loss_config import policy_loss_config
@@ -119,7 +119,6 @@ def run(config: Config) -> None:
         config.parallel,
         offload_when_idle=cfg.offload_idle_states,
     )
-    engine = make_engine(ctx, policy_path)
     policy_step = policy_forward(
         policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature
     )
@@ -173,20 +172,23 @@ def run(config: Config) -> None:
             "actor/grad_norm": result.grad_norm,
             "actor/lr": result.lr,
             "actor/skipped": float(result.skipped),
+            "skipped": float(result.skipped),  # as every stage logs it
         }
 
-    steps_done = run_steps(
-        ctx,
-        STAGE,
-        {"policy": policy},
-        total_steps,
-        cfg.save_every,
-        step_fn,
-        log_keys=("reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio", "actor/pg_loss"),
-        state=sampling,
-        on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
-        before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
-    )
-    record = {"steps": steps_done, "eval": evaluate_splits(ctx, engine, val_params)}
-    record[POLICY_HF] = str(save_hf(policy.handle, ctx.stage_dir("hf", STAGE)))
+    # One engine for the stage, closed however the stage ends (`step_fn` samples from it).
+    with rollout_engine(ctx, policy_path) as engine:
+        steps_done = run_steps(
+            ctx,
+            STAGE,
+            {"policy": policy},
+            total_steps,
+            cfg.save_every,
+            step_fn,
+            log_keys=("reward/mean", "reward/acc_reward/mean", "reward/format_valid_ratio", "actor/pg_loss"),
+            state=sampling,
+            on_resume=lambda step: sync_weights(ctx, policy.handle, engine, version=step),
+            before_training=(lambda: validation(ctx, engine, val_params)) if cfg.val_before_train else None,
+        )
+        record = {"steps": steps_done, "eval": evaluate_splits(ctx, engine, val_params)}
+    record[POLICY_HF] = str(save_hf(policy.handle, ctx.run_path("hf", STAGE)))
     finish_stage(ctx, STAGE, record)

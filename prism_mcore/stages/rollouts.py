@@ -1,6 +1,6 @@
-"""Rollouts for the stages: the rollout engine (rank 0 generates for every rank), its memory around training
-(`awake`), generation with segmentation and the verifiable reward (`rollout`), weight sync after each update, and the
-response statistics both RL stages log."""
+"""Rollouts for the stages: the rollout engine (rank 0 generates for every rank; one per stage, closed with it),
+its memory around training (`awake`), generation with segmentation and the verifiable reward (`rollout`), weight
+sync after each update, and the response statistics both RL stages log."""
 
 from __future__ import annotations
 
@@ -18,14 +18,23 @@ from prism_mcore.runtime import broadcast_from_main
 from prism_mcore.stages.context import RunContext
 
 
-def make_engine(ctx: RunContext, policy_path: str, weight_version: int = 0) -> RolloutEngine | None:
-    """The rollout engine (rank 0 only: it generates for everyone)."""
+@contextmanager
+def rollout_engine(ctx: RunContext, policy_path: str, weight_version: int = 0) -> Iterator[RolloutEngine | None]:
+    """The stage's rollout engine (rank 0 only: it generates for everyone; None elsewhere), closed when the block
+    ends, however it ends: an SGLang client's request threads, connections and weight-sync process group never
+    outlive the stage, so the next stage can open its own (on the same port)."""
     if not ctx.is_main:
-        return None
+        yield None
+        return
     device = ctx.env.device if ctx.env.device.type == "cuda" else "cpu"
-    return build_rollout_engine(
+    engine = build_rollout_engine(
         ctx.config.rollout, policy_path, run_dir=ctx.run_dir, device=device, weight_version=weight_version
     )
+    try:
+        yield engine
+    finally:
+        ctx.released_engines.discard(engine)
+        engine.close()
 
 
 def rollout(

@@ -23,7 +23,7 @@ from prism_mcore.data.samples import SampleBuilder, TokenSequence
 from prism_mcore.models import build_policy, save_hf
 from prism_mcore.stages.context import POLICY_HF, finish_stage, input_checkpoint, log, start_stage
 from prism_mcore.stages.evaluation import evaluate_splits
-from prism_mcore.stages.rollouts import make_engine
+from prism_mcore.stages.rollouts import rollout_engine
 from prism_mcore.training.forward import sft_forward
 from prism_mcore.training.loop import make_trainable, run_steps
 from prism_mcore.training.sharding import sft_microbatches, token_budget
@@ -106,7 +106,8 @@ def run(config: Config) -> None:
     record = {"steps": total_steps, "conversations_built": stats.summary()}
     if heldout_batches:
         record["val_loss"] = validation_loss()
-    export = save_hf(policy, ctx.stage_dir("hf", STAGE))
+    export = save_hf(policy, ctx.run_path("hf", STAGE))
     record[POLICY_HF] = str(export)
-    record["eval"] = evaluate_splits(ctx, make_engine(ctx, str(export)))
+    with rollout_engine(ctx, str(export)) as engine:
+        record["eval"] = evaluate_splits(ctx, engine)
     finish_stage(ctx, STAGE, record)

@@ -36,7 +36,7 @@ from prism_mcore.stages.context import (
     log,
     start_stage,
 )
-from prism_mcore.stages.rollouts import make_engine, rollout
+from prism_mcore.stages.rollouts import rollout, rollout_engine
 from prism_mcore.training.forward import warmup_forward
 from prism_mcore.training.loop import make_trainable, run_steps
 from prism_mcore.training.sharding import pair_microbatches, token_budget
@@ -74,7 +74,7 @@ def self_play_pairs(ctx: RunContext, config: Config) -> list[SegmentPair]:
     prompts = batch_for_step(prompts, 0, min(config.warmup.self_play_pairs, len(prompts)), config.run.seed)
     # A restarted warmup must train on the same pairs (and hold out the same ones): the responses are kept in the
     # run folder, since GPU and SGLang sampling do not repeat bit for bit.
-    kept = ctx.stage_dir("stages", "warmup_self_play.json")
+    kept = ctx.run_path("stages", "warmup_self_play.json")
     record = json.loads(kept.read_text()) if kept.exists() else None
     if record is not None and record["uids"] == [prompt.uid for prompt in prompts]:
         samples = [
@@ -83,9 +83,9 @@ def self_play_pairs(ctx: RunContext, config: Config) -> list[SegmentPair]:
         ]
         ctx.segmenter.segment_samples(samples)
     else:
-        engine = make_engine(ctx, input_checkpoint(ctx, STAGE, POLICY_HF))
         params = dataclasses.replace(SamplingParams.from_config(config.rollout, seed=config.run.seed), n=1)
-        samples = rollout(ctx, engine, prompts, params)
+        with rollout_engine(ctx, input_checkpoint(ctx, STAGE, POLICY_HF)) as engine:
+            samples = rollout(ctx, engine, prompts, params)
         if ctx.is_main:
             responses = [sample.response_ids for sample in samples]
             write_text_atomic(kept, json.dumps({"uids": [prompt.uid for prompt in prompts], "responses": responses}))
@@ -162,7 +162,7 @@ def run(config: Config) -> None:
     )
     accuracy_after = heldout_accuracy()
     log.info("warmup: held-out pairwise accuracy %.3f -> %.3f", accuracy_before, accuracy_after)
-    export = save_hf(discriminator, ctx.stage_dir("hf", STAGE))
+    export = save_hf(discriminator, ctx.run_path("hf", STAGE))
     finish_stage(
         ctx,
         STAGE,

@@ -32,7 +32,7 @@ class StageRun(Protocol):
     config: Config
     metrics: MetricsLogger
 
-    def stage_dir(self, kind: str, stage: str) -> Path: ...
+    def run_path(self, folder: str, name: str) -> Path: ...
 
 
 class Resumable(Protocol):
@@ -128,7 +128,7 @@ def run_steps(
     stage stops with `StageFailed` (before saving that step), so a diverged run never reaches `.done`.
     """
 
-    manager = CheckpointManager(ctx.stage_dir("checkpoints", stage), keep_last=ctx.config.run.keep_last)
+    manager = CheckpointManager(ctx.run_path("checkpoints", stage), keep_last=ctx.config.run.keep_last)
 
     def save(step: int) -> None:
         stage_state = state.state_dict() if state is not None else {}

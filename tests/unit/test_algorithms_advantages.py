@@ -10,7 +10,6 @@ import torch
 from prism_mcore.algorithms import (
     AdvantageMode,
     AlignmentAdvantageConfig,
-    advantage_mode_from_flags,
     alignment_advantage,
     group_ids_from_uids,
     group_mean_std,
@@ -136,14 +135,6 @@ def test_modes_other_than_mode1_need_the_rule_reward():
             torch.zeros(4, dtype=torch.long),
             config=AlignmentAdvantageConfig("rlvr"),
         )
-
-
-def test_mode_from_reference_flags_follows_priority():
-    assert advantage_mode_from_flags() is AdvantageMode.MULTI_REWARD
-    assert advantage_mode_from_flags(use_acc_gating=True, use_rlvr=True) is AdvantageMode.RLVR
-    assert advantage_mode_from_flags(use_gated_align=True, use_acc_gating=True) is AdvantageMode.GATED_ALIGN
-    everything = dict(use_sign_align=True, use_rlvr_v2=True, use_rlvr=True, use_gated_align=True, use_acc_gating=True)
-    assert advantage_mode_from_flags(**everything) is AdvantageMode.SIGN_ALIGN
 
 
 def test_config_accepts_mode_strings_and_has_released_defaults():

@@ -12,7 +12,6 @@ from prism_mcore.algorithms import (
     discriminator_loss,
     pairwise_warmup_loss,
     sanitize_scores,
-    whole_response_discriminator_loss,
 )
 
 
@@ -111,10 +110,3 @@ def test_warmup_loss_with_aux_term():
 def test_warmup_loss_aux_coefficient(aux_coef):
     out = pairwise_warmup_loss(torch.zeros(1), torch.zeros(1), aux_loss=2.0, aux_coef=aux_coef)
     torch.testing.assert_close(out.loss, torch.tensor(math.log(2.0) + 2.0 * aux_coef))
-
-
-def test_whole_response_loss_sums_masked_token_scores():
-    loss = whole_response_discriminator_loss(
-        torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[1, 1, 0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[1, 1]])
-    )
-    torch.testing.assert_close(loss, torch.tensor(softplus(-2.0)))  # sum teacher 3, sum student 1

@@ -199,6 +199,28 @@ def test_fp8_settings_with_transformer_engine(monkeypatch) -> None:
         backend.fp8_settings("delayed", "sdpa")
 
 
+def test_right_padded_batches_pad_after_each_sequence_with_a_mask(bench) -> None:
+    """transformers' padded variant of the benchmark: the trainer only packs, so the benchmark pads on its own."""
+    from prism_mcore.data.samples import IGNORE_INDEX, TokenSequence
+    from prism_mcore.record import ImageInputs
+
+    def sequence(ids: list[int], labels: list[int], score: int, images: int) -> TokenSequence:
+        positions = torch.stack([torch.arange(len(ids)) * 10 + row for row in range(3)])
+        image = ImageInputs(torch.full((4 * images, 2), float(ids[0])), torch.tensor([[1, 2, 2]] * images))
+        return TokenSequence(torch.tensor(ids), positions, torch.tensor(labels), image if images else None, score)
+
+    batch = bench.right_padded(
+        [sequence([1, 2, 3], [IGNORE_INDEX, 2, 3], 2, images=1), sequence([4, 5], [IGNORE_INDEX, 5], 1, images=2)],
+        pad_id=0,
+    )
+    assert batch.input_ids.tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch.labels.tolist() == [[IGNORE_INDEX, 2, 3], [IGNORE_INDEX, 5, IGNORE_INDEX]]
+    assert batch.position_ids[1].tolist() == [[1, 11, 21], [1, 11, 0]]
+    assert batch.score_indices.tolist() == [2, 1]
+    assert batch.pixel_values[:, 0].tolist() == [1.0] * 4 + [4.0] * 8 and batch.image_grid_thw.shape == (3, 3)
+
+
 def test_alignment_rows_go_to_their_own_table_and_the_before_side_encodes_per_microbatch(bench, tmp_path) -> None:
     """The align-* rows: their numbers as written (work per prompt against the reference's 6n / 2n), a table added
     to a BENCHMARKS.md that predates it, and the "before" switch that gives `training.step` no step image cache."""

@@ -80,7 +80,7 @@ def _context(tmp_path: Path) -> SimpleNamespace:
     return SimpleNamespace(
         config=SimpleNamespace(run=SimpleNamespace(keep_last=5, log_every=1, max_skipped_step_fraction=0.1)),
         metrics=MetricsLogger(tmp_path, tensorboard=False),
-        stage_dir=lambda kind, stage: tmp_path / kind / stage,
+        run_path=lambda folder, name: tmp_path / folder / name,
     )
 
 

@@ -126,20 +126,20 @@ CASES = {
         "prompt",
         limits=LengthLimits(max_prompt_length=150),
     ),
-    # Teacher segments over max_response_length are a length filter too: skipped and counted, never an abort.
+    # Teacher segments over max_segment_length are a length filter too: skipped and counted, never an abort.
     "teacher CoT over the limit": Case(
         "align",
         prompt(teacher_cot="<think>\n" + "many words " * 40 + "\n</think>\n<answer>\n1\n</answer>"),
         errors.TOO_LONG,
         "teacher_cot",
-        limits=LengthLimits(max_response_length=40),
+        limits=LengthLimits(max_segment_length=40),
     ),
     "warmup teacher caption over the limit": Case(
         "warmup",
         warmup(teacher_caption="<caption>" + "many words " * 40 + "</caption>"),
         errors.TOO_LONG,
         "teacher_caption",
-        limits=LengthLimits(max_response_length=40),
+        limits=LengthLimits(max_segment_length=40),
     ),
     "SFT conversation over the limit": Case(
         "sft",

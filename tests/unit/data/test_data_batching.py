@@ -12,8 +12,6 @@ from prism_mcore.data.batching import (
     pack_padded,
     pack_sequences,
     pack_token_ids,
-    pad_sequences,
-    stream_token_budget_batches,
     token_budget_batches,
     unpack_to_padded,
 )
@@ -111,15 +109,6 @@ def test_pack_padded_takes_any_padding_side_and_unpacks_back() -> None:
     assert restored.squeeze(-1).tolist() == [[-1, -1, 1, 2], [3, 4, 5, -1]]
 
 
-def test_pad_right_pads_with_attention_mask() -> None:
-    batch = pad_sequences([toy([1, 2, 3], [IGNORE_INDEX, 2, 3]), toy([4, 5])], pad_token_id=0)
-    assert batch.input_ids.tolist() == [[1, 2, 3], [4, 5, 0]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
-    assert batch.labels.tolist() == [[IGNORE_INDEX, 2, 3], [IGNORE_INDEX] * 3]
-    assert batch.position_ids[1].tolist() == [[1, 11, 21], [1, 11, 0]]
-    assert batch.pixel_values is None and batch.image_grid_thw is None and batch.score_indices is None
-
-
 def test_a_batch_mixing_scored_and_unscored_sequences_is_refused() -> None:
     with pytest.raises(ValueError, match="score index"):
         pack_sequences([toy([1, 2], score_index=1), toy([3])])
@@ -130,21 +119,9 @@ def test_token_budget_batches_packed_first_fit_decreasing() -> None:
     assert token_budget_batches([5, 3, 8, 2, 6], max_tokens=10) == [[2, 3], [4, 1], [0]]
 
 
-def test_token_budget_batches_padded_costs_longest_times_size() -> None:
-    # 8 alone; 6 alone (2*8 > 10); 5 alone (2*6 > 10); 3 joins 5 (2*5 = 10); 2 starts anew (3*5 > 10).
-    assert token_budget_batches([5, 3, 8, 2, 6], max_tokens=10, padded=True) == [[2], [4], [0, 1], [3]]
-
-
 def test_token_budget_batches_rejects_a_sequence_over_the_budget() -> None:
     with pytest.raises(ValueError, match="11 tokens"):
         token_budget_batches([3, 11], max_tokens=10)
-
-
-def test_stream_token_budget_batches_groups_within_windows() -> None:
-    sequences = [toy([index] * length) for index, length in enumerate([5, 3, 8, 2, 6])]
-    batches = list(stream_token_budget_batches(sequences, max_tokens=10, window=3))
-    # Window [5, 3, 8] -> [8], [5, 3]; window [2, 6] -> [6, 2].
-    assert [[sequence.input_ids[0].item() for sequence in batch] for batch in batches] == [[2], [0, 1], [4, 3]]
 
 
 @pytest.fixture
@@ -193,14 +170,23 @@ def test_packed_padded_and_separate_forwards_give_the_same_loss(
             separate_logits.append(output.logits[0])
         separate_loss = total / targets
 
-        padded = pad_sequences(sft_sequences, builder.pad_id)
+        longest = max(len(sequence) for sequence in sft_sequences)
+        padded_ids = torch.full((len(sft_sequences), longest), builder.pad_id)
+        attention_mask = torch.zeros(len(sft_sequences), longest, dtype=torch.long)
+        positions = torch.zeros(3, len(sft_sequences), longest, dtype=torch.long)
+        padded_labels = torch.full((len(sft_sequences), longest), IGNORE_INDEX)
+        for row, sequence in enumerate(sft_sequences):
+            size = len(sequence)
+            padded_ids[row, :size], attention_mask[row, :size] = sequence.input_ids, 1
+            positions[:, row, :size], padded_labels[row, :size] = sequence.position_ids, sequence.labels
+        images = [sequence.image_inputs for sequence in sft_sequences if sequence.image_inputs is not None]
         padded_loss = tiny_policy(
-            input_ids=padded.input_ids,
-            attention_mask=padded.attention_mask,
-            position_ids=padded.position_ids,
-            pixel_values=padded.pixel_values,
-            image_grid_thw=padded.image_grid_thw,
-            labels=padded.labels,
+            input_ids=padded_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            pixel_values=torch.cat([image.pixel_values for image in images]),
+            image_grid_thw=torch.cat([image.image_grid_thw for image in images]),
+            labels=padded_labels,
         ).loss.item()
 
         packed = pack_sequences(sft_sequences)

@@ -162,10 +162,10 @@ def test_teacher_segments_are_scored_at_caption_end_and_im_end(
     assert caption.image_inputs is sample.image_inputs and cot.labels is None
 
 
-def test_teacher_segments_truncate_to_max_response_length_keeping_im_end(
+def test_teacher_segments_truncate_to_max_segment_length_keeping_im_end(
     tokenizer: PreTrainedTokenizerBase, builder: SampleBuilder, make_image: Callable[..., bytes]
 ) -> None:
-    limits = LengthLimits(max_response_length=8, over_length="truncate")
+    limits = LengthLimits(max_segment_length=8, over_length="truncate")
     truncating = SampleBuilder(tokenizer, builder.images, limits)
     sample = truncating.prompt_sample(record([make_image(64, 64)], teacher_caption=CAPTION, teacher_cot=COT))
     assert truncating.stats.truncated == 2
@@ -175,7 +175,7 @@ def test_teacher_segments_truncate_to_max_response_length_keeping_im_end(
     assert cot.input_ids[prompt_length:].tolist() == tokenizer.encode(COT, add_special_tokens=False)[:7] + [
         truncating.eos_id
     ]
-    filtering = SampleBuilder(tokenizer, builder.images, LengthLimits(max_response_length=8))
+    filtering = SampleBuilder(tokenizer, builder.images, LengthLimits(max_segment_length=8))
     with pytest.raises(DataError) as raised:
         filtering.prompt_sample(record([make_image(64, 64)], teacher_caption=CAPTION, teacher_cot=COT))
     assert (raised.value.reason, raised.value.field, raised.value.file) == (TOO_LONG, "teacher_caption", "test.jsonl")

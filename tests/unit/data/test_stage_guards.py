@@ -30,7 +30,7 @@ def context(tmp_path: Path, *overrides: str) -> SimpleNamespace:
     return SimpleNamespace(
         config=apply_overrides(load_recipe("embedded"), list(overrides)),
         metrics=MetricsLogger(tmp_path, tensorboard=False),
-        stage_dir=lambda kind, stage: tmp_path / kind / stage,
+        run_path=lambda folder, name: tmp_path / folder / name,
     )
 
 

@@ -11,7 +11,7 @@ import torch
 
 from prism_mcore.config.schema import ParallelConfig
 from prism_mcore.data.batching import pack_padded
-from prism_mcore.models import build_discriminator, forward_kwargs, last_token_scores, save_hf
+from prism_mcore.models import build_discriminator, forward_kwargs, save_hf
 from prism_mcore.models.discriminator import VALUE_HEAD_HF_NAME, ValueHead
 from tests.unit.models.conftest import FP32_SDPA
 from tests.unit.models.tiny_checkpoints import VOCAB, hf_forward, image_text_inputs, text_inputs
@@ -77,18 +77,6 @@ def test_dropout_only_in_train_mode(discriminator) -> None:
         discriminator.eval()
     assert not torch.equal(noisy[0], noisy[1])
     assert discriminator.chunks[0].language_model.output_layer.dropout.p == 0.1
-
-
-def test_last_token_scores_any_padding_side() -> None:
-    scores = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [0, 1, 1, 0]])  # right, left, both sides
-    assert last_token_scores(scores, mask).tolist() == [2.0, 7.0, 10.0]
-    assert last_token_scores(scores[..., None], mask).tolist() == [2.0, 7.0, 10.0]  # [b, s, 1] as D returns it
-    # The reference guessed the side from mask[0, 0] (PRISM_SPEC §2.5 ⚠): an unpadded first row fooled it.
-    unpadded_first = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
-    assert last_token_scores(scores, unpadded_first).tolist() == [3.0, 7.0, 11.0]
-    with pytest.raises(ValueError, match="no real"):
-        last_token_scores(scores, torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]]))
 
 
 def test_packed_scores_equal_single_sequence_scores(discriminator) -> None:
