@@ -92,10 +92,15 @@ class StepImages:
             for position, row in enumerate(missing):
                 outputs = [per_output[position] for per_output in pieces]
                 self._outputs[keys[row]] = outputs
-                self._leaves[keys[row]] = [output.detach().requires_grad_(output.requires_grad) for output in outputs]
+                # fp32 leaves: the gradients of every use are summed in fp32 (as Megatron's fp32 gradient buffers
+                # summed the per-micro-batch tower gradients before), whatever the model's precision.
+                self._leaves[keys[row]] = [
+                    output.detach().float().requires_grad_(output.requires_grad) for output in outputs
+                ]
             self.encoded_images += len(missing)
+        dtype = self._outputs[keys[0]][0].dtype
         per_output = zip(*(self._leaves[key] for key in keys), strict=True)
-        embeds, *deepstack = [torch.cat(list(outputs)) if len(keys) > 1 else outputs[0] for outputs in per_output]
+        embeds, *deepstack = [torch.cat(list(outputs)).to(dtype) for outputs in per_output]
         return embeds, deepstack
 
     def backward(self) -> None:
@@ -105,7 +110,7 @@ class StepImages:
             for output, leaf in zip(self._outputs[key], leaves, strict=True):
                 if leaf.grad is not None and output.requires_grad:
                     outputs.append(output)
-                    grads.append(leaf.grad)
+                    grads.append(leaf.grad.to(output.dtype))
         self.clear()
         if outputs:
             torch.autograd.backward(outputs, grads)
