@@ -105,8 +105,8 @@ def check_dense(args, model_cfg, parallel) -> dict:
     from prism_mcore.data.batching import pack_token_ids
     from prism_mcore.models import build_policy, forward_kwargs, iter_hf_weights, save_hf
     from prism_mcore.record import ImageInputs
-    from prism_mcore.training.checkpoint import save_model_checkpoint
     from prism_mcore.training.logprobs import LogProbRequest, logprobs_output_processor
+    from tests.checkpoint_support import save_model_weights
     from tests.unit.models.tiny_checkpoints import hf_forward, image_text_inputs, text_inputs
 
     policy = build_policy(model_cfg, parallel, path=args.dense)
@@ -171,7 +171,7 @@ def check_dense(args, model_cfg, parallel) -> dict:
     policy.eval()
     with torch.no_grad():
         perturbed = run(policy.chunks, {**image_text, "runtime_gather_output": True})
-    save_model_checkpoint(policy, Path(args.save) / "dense_ckpt")
+    save_model_weights(policy, Path(args.save) / "dense_ckpt")
     save_hf(policy, Path(args.save) / "dense_hf")
     if last_stage:
         result["perturbed_logits"] = perturbed[0].tolist()
@@ -195,7 +195,7 @@ def check_moe(args, model_cfg, parallel) -> dict:
         record_router_logits,
         router_load_balancing_loss,
     )
-    from prism_mcore.training.checkpoint import save_model_checkpoint
+    from tests.checkpoint_support import save_model_weights
     from tests.unit.models.tiny_checkpoints import hf_forward, image_text_inputs, text_inputs
 
     rank = torch.distributed.get_rank()
@@ -231,7 +231,7 @@ def check_moe(args, model_cfg, parallel) -> dict:
         perturb(disc.chunks)
         check = image_text_inputs()
         result["perturbed_scores"] = disc.chunks[0](**check)[0, :, 0].tolist()
-    save_model_checkpoint(disc, Path(args.save) / "disc_ckpt")
+    save_model_weights(disc, Path(args.save) / "disc_ckpt")
     return result
 
 
@@ -252,7 +252,7 @@ def check_moe_sequence_parallel(args, model_cfg, parallel) -> dict:
         token_multiple,
     )
     from prism_mcore.record import ImageInputs
-    from prism_mcore.training.checkpoint import save_model_checkpoint
+    from tests.checkpoint_support import save_model_weights
     from tests.unit.models.tiny_checkpoints import hf_forward, image_text_inputs, text_inputs
 
     hf = Qwen3VLMoeForConditionalGeneration.from_pretrained(
@@ -300,7 +300,7 @@ def check_moe_sequence_parallel(args, model_cfg, parallel) -> dict:
     with torch.no_grad():
         scores = disc.chunks[0](**forward_kwargs(padded))
     result["perturbed_scores"] = scores[0, : alone.num_tokens, 0].tolist()
-    save_model_checkpoint(disc, Path(args.save) / "disc_ckpt")
+    save_model_weights(disc, Path(args.save) / "disc_ckpt")
     return result
 
 
@@ -308,13 +308,13 @@ def reload(args, model_cfg, parallel) -> dict:
     import torch
 
     from prism_mcore.models import build_discriminator, build_policy
-    from prism_mcore.training.checkpoint import load_model_checkpoint
+    from tests.checkpoint_support import load_model_weights
     from tests.unit.models.tiny_checkpoints import image_text_inputs
 
     dense_ckpt, *disc_ckpts = args.reload.split(",")
     inputs = image_text_inputs()
     policy = build_policy(model_cfg, parallel, path=args.dense).eval()
-    load_model_checkpoint(policy, dense_ckpt)
+    load_model_weights(policy, dense_ckpt)
     result = {"scores": []}
     with torch.no_grad():
         result["logits"] = policy.chunks[0](**inputs)[0].tolist()
@@ -322,7 +322,7 @@ def reload(args, model_cfg, parallel) -> dict:
         # A fresh model per checkpoint: the EP=2 and TP=2 ones hold the same weights, so a load that left the
         # previous checkpoint's weights in place would go unnoticed.
         disc = build_discriminator(model_cfg, parallel, path=args.moe).eval()
-        load_model_checkpoint(disc, disc_ckpt)
+        load_model_weights(disc, disc_ckpt)
         with torch.no_grad():
             result["scores"].append(disc.chunks[0](**inputs)[0, :, 0].tolist())
     return result

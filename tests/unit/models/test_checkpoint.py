@@ -1,5 +1,5 @@
 """Model dist checkpoints (torch_dist): changed weights of the policy and of the discriminator (value head included)
-come back exactly in a freshly built model; saving replaces atomically. TP=2 -> TP=1 and EP=2 -> EP=1 resharding is
+come back exactly in a freshly built model. TP=2 -> TP=1 and EP=2 -> EP=1 resharding is
 in tests/distributed/test_models_parallel.py."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 
 from prism_mcore.config.schema import ParallelConfig
 from prism_mcore.models import build_discriminator, build_policy
-from prism_mcore.training.checkpoint import load_model_checkpoint, model_sharded_state, save_model_checkpoint
+from prism_mcore.training.checkpoint import model_sharded_state
+from tests.checkpoint_support import load_model_weights, save_model_weights
 from tests.unit.models.conftest import FP32_SDPA
 from tests.unit.models.tiny_checkpoints import image_text_inputs
 
@@ -27,11 +28,10 @@ def test_changed_weights_come_back(runtime, dense_dir: Path, moe_dir: Path, tmp_
     source = dense_dir if build is build_policy else moe_dir
     trained = build(FP32_SDPA, ParallelConfig(), path=source).eval()
     _change(trained)
-    folder = save_model_checkpoint(trained, tmp_path / "ckpt")
-    assert folder == tmp_path / "ckpt" and not (tmp_path / "ckpt.tmp").exists()
+    folder = save_model_weights(trained, tmp_path / "ckpt")
 
     fresh = build(FP32_SDPA, ParallelConfig(), path=source).eval()
-    load_model_checkpoint(fresh, folder)
+    load_model_weights(fresh, folder)
     expected = trained.chunks[0].state_dict()
     for name, tensor in fresh.chunks[0].state_dict().items():
         if isinstance(tensor, torch.Tensor):  # skips Megatron's non-tensor extra states
@@ -44,13 +44,3 @@ def test_changed_weights_come_back(runtime, dense_dir: Path, moe_dir: Path, tmp_
 def test_value_head_is_saved_under_its_megatron_name(discriminator) -> None:
     state = model_sharded_state(discriminator)["model"]
     assert state["language_model.output_layer.weight"].local_shape == (1, 64)
-
-
-def test_save_replaces_and_load_checks(policy, tmp_path: Path) -> None:
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    (folder / "stale").write_text("old")
-    save_model_checkpoint(policy, folder)
-    assert not (folder / "stale").exists()
-    with pytest.raises(FileNotFoundError, match="not a Megatron distributed checkpoint"):
-        load_model_checkpoint(policy, tmp_path)
