@@ -940,7 +940,7 @@ def run_alignment(
     from prism_mcore.rollout import SamplingParams
     from prism_mcore.stages.align import discriminator_phase, policy_phase
     from prism_mcore.stages.context import load_prompts, setup
-    from prism_mcore.stages.rollouts import make_engine, rollout
+    from prism_mcore.stages.rollouts import rollout, rollout_engine
     from prism_mcore.training.forward import policy_forward
     from prism_mcore.training.loop import make_trainable
     from prism_mcore.training.loss_config import policy_loss_config
@@ -960,7 +960,6 @@ def run_alignment(
         100,
         config.parallel,
     )
-    engine = make_engine(ctx, config.model.policy_path)
     budget = token_budget(config.data, cfg.max_tokens_per_microbatch)
     d_loss = DiscriminatorLossConfig(score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef)
     advantage_config = AlignmentAdvantageConfig(
@@ -973,11 +972,13 @@ def run_alignment(
         policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature
     )
     rows = []
-    for n in ns:
-        params = replace(
-            SamplingParams.from_config(config.rollout, seed=config.run.seed), n=n, max_new_tokens=cfg.max_new_tokens
-        )
-        samples = rollout(ctx, engine, batch_for_step(prompts, 0, prompts_per_step, config.run.seed), params)
+    step_prompts = batch_for_step(prompts, 0, prompts_per_step, config.run.seed)
+    rollouts = {}
+    with rollout_engine(ctx, config.model.policy_path) as engine:
+        for n in ns:
+            params = SamplingParams.from_config(config.rollout, seed=config.run.seed)
+            rollouts[n] = rollout(ctx, engine, step_prompts, replace(params, n=n, max_new_tokens=cfg.max_new_tokens))
+    for n, samples in rollouts.items():
         for workload in workloads:
             times: dict[bool, list[float]] = {True: [], False: []}
             for index in range(warmup + steps):
