@@ -8,7 +8,9 @@ scores, advantage). Every stage reads and writes these fields by name; nothing e
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -28,6 +30,18 @@ class ImageInputs:
     @property
     def num_images(self) -> int:
         return int(self.image_grid_thw.shape[0])
+
+    @cached_property
+    def content_key(self) -> str:
+        """A digest of the grids and pixels: equal for equal inputs, so a step can encode each distinct image once
+        across its micro-batches (`models.qwen3_vl.StepImages`). Computed once per object (prompts load their
+        images once)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for tensor in (self.image_grid_thw, self.pixel_values):
+            host = tensor.detach().cpu().contiguous()
+            digest.update(str((host.dtype, tuple(host.shape))).encode())
+            digest.update(host.view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+        return digest.hexdigest()
 
 
 @dataclass

@@ -3,6 +3,7 @@
     python tools/benchmark.py                                  # GPU: 2B, 4B, 8B shapes; CPU: the tiny shape
     python tools/benchmark.py --shapes 2b --workloads sft,rl   # a part of the GPU run
     python tools/benchmark.py --shapes tiny --steps 1 --warmup 1 --out /tmp/B.md --json /tmp/B.json
+    python tools/benchmark.py --workloads align-d,align-step --align-n 4,8,16   # not in the default run
 
 Workloads (one table each in BENCHMARKS.md):
 
@@ -12,6 +13,9 @@ Workloads (one table each in BENCHMARKS.md):
 | `rl`       | policy train step, clipped policy loss with the `grpo` preset (`training.forward.policy_forward`)      |
 | `disc`     | discriminator train step, alignment loss (`training.forward.discriminator_forward`) on Qwen3-VL-MoE    |
 | `logprobs` | log-prob recomputation: a forward without gradients giving log p of every target token                |
+| `align-d`  | the alignment stage's D phase (`stages.align.discriminator_phase`: micro-batches, one D step whose      |
+|            | forward also scores the rollouts), embedded default, before/after one vision encoding per image per step|
+| `align-step` | `align-d`, then the advantage and the policy step (`stages.align.policy_phase`); likewise            |
 
 A step is `--microbatches` micro-batches (default 4 on GPU, 2 on CPU), each one packed row of 4,096 tokens holding
 several sequences, each with one image; the training workloads end with one optimizer step.
@@ -78,6 +82,15 @@ of m^2 = 4 patches each, n_ds deepstack mergers, output width o = h:
                6 * N_text * tokens + 12 * L * n_q * d * sum_i s_i*(s_i + 1)/2
     log-prob recomputation = forward
 
+The alignment workloads (`align-d`, `align-step`) run the stage's own functions on the embedded default (tiny
+Qwen3-VL policy and MoE discriminator; `--align-policy` / `--align-discriminator` take trained exports) on one
+step's rollouts at each `--align-n` (`--align-prompts` prompts, generated once and untimed). "Before" is the same
+code with `training.step`'s per-step image cache replaced by one that keeps nothing (`image_encoding`), which is
+main@7713376's path: every micro-batch encodes its own images. Before and after alternate step by step. Rows give
+the median wall time of each, their ratio, and per prompt of one step: vision-tower images in D and in the policy
+(before, after; the reference trainer encodes 6n in D and 2n in the policy), D's packed sequences (reference 6n:
+2n scored, then 4n in the update) and tokens (reference: the same segments, 2 student + 1 teacher pass per sample).
+
 Targets for the GPU run: MFU >= 40 % for the 2B policy step on one H100, and >= 1.5x transformers' tokens/s.
 On CPU every number is labelled CPU: the tiny shapes only show that the harness works, not how fast anything is.
 The Triton kernels have their own benchmark, `tools/bench_kernels.py`, whose table closes BENCHMARKS.md.
@@ -99,7 +112,8 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -107,6 +121,7 @@ from typing import Any
 import torch
 
 WORKLOADS = ("sft", "rl", "disc", "logprobs")
+ALIGN_WORKLOADS = ("align-d", "align-step")  # on the embedded default, before/after (not in the default run)
 OUR_VARIANTS = ("packed", "padded", "recompute", "fp8-delayed", "fp8-current")
 HF_VARIANTS = ("packed", "padded")
 LR = 1e-6  # small enough that random-weight models stay finite over a few steps
@@ -843,6 +858,170 @@ def run_transformers(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Alignment phases on the embedded default, before/after issue 13's per-step image encoding
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AlignRow:
+    """One alignment workload at one n: wall time with images encoded once per step ("after", this code) and once
+    per micro-batch ("before", main@7713376's path), and the work per prompt of one step."""
+
+    workload: str  # align-d or align-step
+    n: int
+    prompts: int
+    device: str
+    before_ms: float
+    after_ms: float
+    d_images_before: float  # per prompt: vision-tower images in D's step
+    d_images_after: float
+    policy_images_before: float  # per prompt: vision-tower images in the policy's step
+    policy_images_after: float
+    d_sequences: float  # per prompt: D's packed sequences (scoring and update are one forward)
+    d_tokens: float
+    reference_d_tokens: float  # per prompt: the reference's 2n scoring + 4n update segments, same lengths
+
+    @property
+    def ratio(self) -> float:
+        return self.after_ms / self.before_ms
+
+
+class _NoStepImages:
+    """A step image cache that keeps nothing: every micro-batch encodes its own images (main@7713376's path)."""
+
+    encoded_images = 0
+
+    def backward(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+@contextmanager
+def _per_microbatch_images(models: Sequence[torch.nn.Module]) -> Iterator[_NoStepImages]:
+    yield _NoStepImages()
+
+
+@contextmanager
+def image_encoding(before: bool) -> Iterator[None]:
+    """Inside the block, `training.step` encodes images once per micro-batch when `before`, else once per step (the
+    code as it is): the "before" side of the alignment workloads, in the same process as the "after" side."""
+    import prism_mcore.training.step as step_module
+
+    saved = step_module.step_images
+    if before:
+        step_module.step_images = _per_microbatch_images
+    try:
+        yield
+    finally:
+        step_module.step_images = saved
+
+
+def run_alignment(
+    workloads: list[str],
+    ns: list[int],
+    prompts_per_step: int,
+    warmup: int,
+    steps: int,
+    work_dir: Path,
+    checkpoints: tuple[str, str] = ("", ""),
+) -> list[AlignRow]:
+    """`align-d` (D's scoring + update phase: micro-batches, one D step whose forward also scores, scores shared)
+    and `align-step` (that, then the advantage and the policy step) of `stages.align` on the embedded default, on
+    the rollouts of one step at each n (generated once, untimed: rollout and weight sync are outside the timed
+    phases). Before and after alternate step by step, so that load on a shared machine hits both alike.
+    `checkpoints`: the policy's and D's HF folders (empty: the embedded default's), e.g. an SFT and warmup export,
+    whose responses have the caption/CoT format."""
+    from prism_mcore.algorithms import AlignmentAdvantageConfig, DiscriminatorLossConfig
+    from prism_mcore.config.recipes import load_recipe
+    from prism_mcore.data.batching import batch_for_step, step_image_count
+    from prism_mcore.models import build_discriminator, build_policy
+    from prism_mcore.rollout import SamplingParams
+    from prism_mcore.stages.align import discriminator_phase, policy_phase
+    from prism_mcore.stages.context import load_prompts, setup
+    from prism_mcore.stages.rollouts import rollout, rollout_engine
+    from prism_mcore.training.forward import policy_forward
+    from prism_mcore.training.loop import make_trainable
+    from prism_mcore.training.loss_config import policy_loss_config
+    from prism_mcore.training.sharding import token_budget
+
+    config = load_recipe("embedded")
+    config.run.output_dir = str(work_dir / "align-run")
+    config.run.tensorboard = False
+    config.model.policy_path, config.model.discriminator_path = checkpoints
+    ctx = setup(config)
+    cfg = config.align
+    prompts = load_prompts(ctx, config.data.align_path, "align", require_teacher=True)
+    policy = make_trainable(build_policy(config.model, config.parallel), cfg.policy_optim, 100, config.parallel)
+    discriminator = make_trainable(
+        build_discriminator(config.model, config.parallel, seed=config.run.seed),
+        cfg.discriminator_optim,
+        100,
+        config.parallel,
+    )
+    budget = token_budget(config.data, cfg.max_tokens_per_microbatch)
+    d_loss = DiscriminatorLossConfig(score_clip=cfg.score_clip, score_reg_coef=cfg.score_reg_coef)
+    advantage_config = AlignmentAdvantageConfig(
+        mode=cfg.advantage_mode,
+        caption_weight=cfg.caption_weight,
+        cot_weight=cfg.cot_weight,
+        format_penalty=cfg.format_penalty,
+    )
+    policy_step = policy_forward(
+        policy_loss_config(cfg.policy_loss, config.rollout.tis_cap), config.rollout.temperature
+    )
+    rows = []
+    step_prompts = batch_for_step(prompts, 0, prompts_per_step, config.run.seed)
+    rollouts = {}
+    with rollout_engine(ctx, config.model.policy_path) as engine:
+        for n in ns:
+            params = SamplingParams.from_config(config.rollout, seed=config.run.seed)
+            rollouts[n] = rollout(ctx, engine, step_prompts, replace(params, n=n, max_new_tokens=cfg.max_new_tokens))
+    for n, samples in rollouts.items():
+        for workload in workloads:
+            times: dict[bool, list[float]] = {True: [], False: []}
+            for index in range(warmup + steps):
+                for before in (True, False):
+                    with image_encoding(before):
+                        began = time.perf_counter()
+                        d_batches, _ = discriminator_phase(ctx.builder, ctx.env, discriminator, samples, budget, d_loss)
+                        p_batches = []
+                        if workload == "align-step":
+                            _, p_batches, _ = policy_phase(
+                                ctx.builder, ctx.env, policy, policy_step, samples, advantage_config, budget
+                            )
+                        if index >= warmup:
+                            times[before].append(time.perf_counter() - began)
+            d_packed = [b.packed for b in d_batches]
+            p_packed = [b.packed for b in p_batches]
+            teacher_tokens = {s.uid: sum(len(t) for t in ctx.builder.teacher_segments(s)) for s in samples}
+            reference_tokens = sum(
+                2 * sum(len(t) for t in ctx.builder.student_segments(s)) + teacher_tokens[s.uid] for s in samples
+            )
+            per_prompt = 1 / prompts_per_step
+            rows.append(
+                AlignRow(
+                    workload=workload,
+                    n=n,
+                    prompts=prompts_per_step,
+                    device=device_label(ctx.env.device),
+                    before_ms=1e3 * statistics.median(times[True]),
+                    after_ms=1e3 * statistics.median(times[False]),
+                    d_images_before=per_prompt * sum(b.num_images for b in d_packed),
+                    d_images_after=per_prompt * step_image_count(d_packed),
+                    policy_images_before=per_prompt * sum(b.num_images for b in p_packed),
+                    policy_images_after=per_prompt * step_image_count(p_packed),
+                    d_sequences=per_prompt * sum(b.num_sequences for b in d_packed),
+                    d_tokens=per_prompt * sum(b.num_tokens for b in d_packed),
+                    reference_d_tokens=per_prompt * reference_tokens,
+                )
+            )
+            print(format_align_row(rows[-1], run="-"), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Output: BENCHMARKS.md tables and a JSON file
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -859,6 +1038,23 @@ ROWS_HEADER = (
 )
 
 
+ALIGN_TITLE = "Alignment phases on the embedded default, before/after one vision encoding per image per step"
+ALIGN_HEADER = (
+    "| run | workload | n | prompts | device | before ms | after ms | after/before | D images/prompt before, after "
+    "(reference 6n) | policy images/prompt before, after (reference 2n) | D sequences/prompt (reference 6n) "
+    "| D tokens/prompt (reference) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_align_row(row: AlignRow, run: int | str) -> str:
+    return (
+        f"| {run} | {row.workload} | {row.n} | {row.prompts} | {row.device} | {row.before_ms:,.0f} "
+        f"| {row.after_ms:,.0f} | {row.ratio:.2f} | {row.d_images_before:g}, {row.d_images_after:g} ({6 * row.n}) "
+        f"| {row.policy_images_before:g}, {row.policy_images_after:g} ({2 * row.n}) "
+        f"| {row.d_sequences:g} ({6 * row.n}) | {row.d_tokens:,.0f} ({row.reference_d_tokens:,.0f}) |"
+    )
+
+
 def _marker(name: str) -> str:
     return f"<!-- benchmark:{name} -->"
 
@@ -868,7 +1064,12 @@ def skeleton() -> str:
     parts = [f"## Runs\n\n{_marker('runs')}\n{RUNS_HEADER}\n"]
     for workload, title in TITLES.items():
         parts.append(f"## {title}\n\n{_marker(workload)}\n{ROWS_HEADER}\n")
+    parts.append(_align_section())
     return "\n".join(parts)
+
+
+def _align_section() -> str:
+    return f"## {ALIGN_TITLE}\n\n{_marker('align')}\n{ALIGN_HEADER}\n"
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -895,7 +1096,7 @@ def _insert_after_table(lines: list[str], marker: str, new_lines: list[str]) -> 
     lines[end:end] = new_lines
 
 
-def append_results(path: Path, rows: list[Row], run_row: dict[str, str]) -> int:
+def append_results(path: Path, rows: list[Row], run_row: dict[str, str], align_rows: Sequence[AlignRow] = ()) -> int:
     """Add this run to the runs table and its rows to each workload's table of `path`; returns the run number.
 
     The tables are found by their HTML-comment markers; a file without them gets the skeleton at its top, so that
@@ -904,6 +1105,8 @@ def append_results(path: Path, rows: list[Row], run_row: dict[str, str]) -> int:
     text = path.read_text() if path.exists() else ""
     if _marker("runs") not in text:
         text = skeleton() + ("\n" + text if text else "")
+    if align_rows and _marker("align") not in text:  # a file from before the alignment workloads
+        text = text.replace(f"## {TITLES['logprobs']}", _align_section() + f"\n## {TITLES['logprobs']}", 1)
     lines = text.splitlines()
     start = lines.index(_marker("runs")) + 3  # past the header and separator lines
     end = start
@@ -916,6 +1119,8 @@ def append_results(path: Path, rows: list[Row], run_row: dict[str, str]) -> int:
         mine = [format_row(row, run) for row in rows if row.workload == workload]
         if mine:
             _insert_after_table(lines, _marker(workload), mine)
+    if align_rows:
+        _insert_after_table(lines, _marker("align"), [format_align_row(row, run) for row in align_rows])
     path.write_text("\n".join(lines) + "\n")
     return run
 
@@ -986,7 +1191,13 @@ def _choices(text: str, allowed: Sequence[str], flag: str) -> list[str]:
 def parse_args(argv: list[str] | None, on_gpu: bool) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="2b,4b,8b" if on_gpu else "tiny", help="comma list of 2b, 4b, 8b, tiny")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS))
+    parser.add_argument(
+        "--workloads", default=",".join(WORKLOADS), help="comma list of " + ", ".join(WORKLOADS + ALIGN_WORKLOADS)
+    )
+    parser.add_argument("--align-n", default="4,8,16", help="align-*: responses per prompt, comma list")
+    parser.add_argument("--align-prompts", type=int, default=4, help="align-*: prompts per step")
+    parser.add_argument("--align-policy", default="", help="align-*: HF policy folder (default: the embedded one)")
+    parser.add_argument("--align-discriminator", default="", help="align-*: HF D folder (default: the embedded one)")
     parser.add_argument("--implementations", default="prism_mcore,transformers", help="prism_mcore, transformers")
     parser.add_argument("--variants", default=",".join(OUR_VARIANTS), help="ours: " + ", ".join(OUR_VARIANTS))
     parser.add_argument("--hf-variants", default=",".join(HF_VARIANTS), help="transformers: packed, padded")
@@ -1002,7 +1213,8 @@ def parse_args(argv: list[str] | None, on_gpu: bool) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.shapes = _choices(args.shapes, list(POLICY_SHAPES), "--shapes")
-    args.workloads = _choices(args.workloads, WORKLOADS, "--workloads")
+    args.workloads = _choices(args.workloads, WORKLOADS + ALIGN_WORKLOADS, "--workloads")
+    args.align_n = [int(n) for n in args.align_n.split(",") if n.strip()]
     args.implementations = _choices(args.implementations, ("prism_mcore", "transformers"), "--implementations")
     args.variants = _choices(args.variants, OUR_VARIANTS, "--variants")
     args.hf_variants = _choices(args.hf_variants, HF_VARIANTS, "--hf-variants")
@@ -1030,10 +1242,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
     bench = Bench(device, args.microbatches, args.warmup, args.steps, peak_tflops(device, args.peak_tflops))
     command = " ".join(["python tools/benchmark.py", *(sys.argv[1:] if argv is None else argv)])
     work_dir = Path(tempfile.mkdtemp(prefix="prism-bench-", dir=args.work_dir))
+    align_rows: list[AlignRow] = []
     try:
-        for name in args.shapes:
+        for name in args.shapes if any(w in WORKLOADS for w in args.workloads) else []:
             for shapes, workloads in (
-                (POLICY_SHAPES, [w for w in args.workloads if w != "disc"]),
+                (POLICY_SHAPES, [w for w in args.workloads if w in WORKLOADS and w != "disc"]),
                 (DISCRIMINATOR_SHAPES, [w for w in args.workloads if w == "disc"]),
             ):
                 if not workloads:
@@ -1053,6 +1266,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 if "prism_mcore" in args.implementations:
                     run_ours(bench, folder, shape, plan, workloads, args.variants, args.attention_backend)
                 shutil.rmtree(folder)
+        align = [w for w in args.workloads if w in ALIGN_WORKLOADS]
+        if align:
+            align_rows = run_alignment(
+                align,
+                args.align_n,
+                args.align_prompts,
+                args.warmup,
+                args.steps,
+                work_dir,
+                (args.align_policy, args.align_discriminator),
+            )
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     add_ratios(bench.rows)
@@ -1070,9 +1294,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
             [f"{args.microbatches} micro-batches/step, median of {args.steps} steps after {args.warmup}", *bench.notes]
         ),
     }
-    run = append_results(args.out, bench.rows, run_row)
+    run = append_results(args.out, bench.rows, run_row, align_rows)
     if args.json:
-        args.json.write_text(json.dumps({"run": {"number": run, **run_row}, "rows": [asdict(r) for r in bench.rows]}))
+        rows = [asdict(r) for r in bench.rows] + [asdict(r) for r in align_rows]
+        args.json.write_text(json.dumps({"run": {"number": run, **run_row}, "rows": rows}))
     for line in target_lines(bench.rows, device):
         print(line, flush=True)
     print(f"run {run} written to {args.out}", flush=True)

@@ -45,6 +45,9 @@ class PackedBatch:
     # [images in sequence order] int64: the row of `image_grid_thw` (and the pixels) each image token run shows;
     # None: one row per image in sequence order. Set by `pack_sequences(..., share_images=True)`.
     image_index: torch.Tensor | None = None
+    # One key per row of `image_grid_thw` (`ImageInputs.content_key` and the image's place in that input): the same
+    # image has the same key in every micro-batch of a step. Set by `pack_sequences(..., share_images=True)`.
+    image_keys: tuple[str, ...] | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -170,9 +173,10 @@ def _same_images(a: ImageInputs, b: ImageInputs) -> bool:
 
 def _shared_image_inputs(
     images: Sequence[ImageInputs | None],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, tuple[str, ...] | None]:
     """Pixels and grids of the distinct image inputs of `images` (equal content counts once, in order of first
-    appearance), and for each image of each sequence, in sequence order, the grid row that holds it."""
+    appearance), for each image of each sequence, in sequence order, the grid row that holds it, and each grid row's
+    key."""
     distinct: list[ImageInputs] = []
     first_rows: list[int] = []  # the first grid row of each distinct entry
     image_index: list[int] = []
@@ -188,9 +192,10 @@ def _shared_image_inputs(
             rows += item.num_images
         image_index += range(first_rows[match], first_rows[match] + item.num_images)
     if not distinct:
-        return None, None, None
+        return None, None, None, None
     pixel_values, image_grid_thw = _image_inputs(distinct)
-    return pixel_values, image_grid_thw, torch.tensor(image_index, dtype=torch.long)
+    keys = tuple(f"{item.content_key}:{i}" for item in distinct for i in range(item.num_images))
+    return pixel_values, image_grid_thw, torch.tensor(image_index, dtype=torch.long), keys
 
 
 def _score_indices(sequences: Sequence[TokenSequence], offsets: Sequence[int]) -> torch.Tensor | None:
@@ -208,14 +213,15 @@ def pack_sequences(sequences: Sequence[TokenSequence], share_images: bool = Fals
     With `share_images`, sequences that show the same images (the segments and samples of one prompt) carry them
     once: the batch holds each distinct image input once and `image_index` maps every image of every sequence to
     its row, so the vision tower encodes it once and its embeddings go to each sequence's image tokens (the model
-    sums the gradients of the copies, `models.qwen3_vl`).
+    sums the gradients of the copies, `models.qwen3_vl`). `image_keys` names each distinct image, so that a step's
+    other micro-batches reuse its encoding too.
     """
     input_ids = [sequence.input_ids for sequence in sequences]
     images = [sequence.image_inputs for sequence in sequences]
     batch = pack_token_ids(input_ids, images)
-    image_index = None
+    image_index = image_keys = None
     if share_images:
-        pixel_values, image_grid_thw, image_index = _shared_image_inputs(images)
+        pixel_values, image_grid_thw, image_index, image_keys = _shared_image_inputs(images)
         batch = replace(batch, pixel_values=pixel_values, image_grid_thw=image_grid_thw)
     return replace(
         batch,
@@ -223,7 +229,22 @@ def pack_sequences(sequences: Sequence[TokenSequence], share_images: bool = Fals
         labels=torch.cat([_labels(sequence) for sequence in sequences]).unsqueeze(0),
         score_indices=_score_indices(sequences, batch.cu_seqlens[:-1].tolist()),
         image_index=image_index,
+        image_keys=image_keys,
     )
+
+
+def step_image_count(batches: Sequence[PackedBatch]) -> int:
+    """Images the vision tower encodes for one step over `batches` (one model's micro-batches on one rank): each
+    distinct image once when the batches carry image keys (the step's image cache, `models.qwen3_vl.StepImages`),
+    else every image row of every batch."""
+    keys: set[str] = set()
+    rows = 0
+    for batch in batches:
+        if batch.image_keys is None:
+            rows += batch.num_images
+        else:
+            keys.update(batch.image_keys)
+    return rows + len(keys)
 
 
 def pack_token_ids(sequences: Sequence[torch.Tensor], images: Sequence[ImageInputs | None] = ()) -> PackedBatch:

@@ -38,6 +38,7 @@ _EXPORTS = {
     "record_router_logits": "router",
     "router_load_balancing_loss": "router",
     "save_hf": "export",
+    "step_images": "qwen3_vl",
     "token_multiple": "inputs",
 }
 __all__ = list(_EXPORTS)

@@ -58,6 +58,7 @@ def forward_kwargs(batch: PackedBatch) -> dict[str, Any]:
         "pixel_values": batch.pixel_values,
         "image_grid_thw": batch.image_grid_thw,
         "image_index": batch.image_index,
+        "image_keys": batch.image_keys,
     }
 
 

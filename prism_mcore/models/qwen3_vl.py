@@ -8,6 +8,11 @@ HF <-> Megatron name mapping. Two things are changed, both without touching inst
 2. Shared images. A packed batch may hold each distinct image once (`PackedBatch.image_index`, the segments and
    samples of one prompt): the tower encodes it once, and `index_select` gives each sequence's image tokens their
    copy of the embeddings (and deepstack features), so autograd sums the copies' gradients into the one encoding.
+   Across the micro-batches of a step, `StepImages` (installed by `step_images` around a training step) keeps each
+   image's encoding (`PackedBatch.image_keys`) and hands later micro-batches a leaf holding the same values; the
+   leaves collect those micro-batches' gradients, and `StepImages.backward` sends their sum through the tower once
+   before the step's gradients are reduced. The tower's gradient is then J^T(sum of g) instead of the sum of J^T g:
+   the same up to float rounding.
 3. Exact GELU in the vision patch merger and the deepstack mergers. Transformers' Qwen3-VL (and so SGLang/vLLM, the
    rollout engines) use `nn.GELU()` there; the bridge reuses the vision blocks' tanh approximation, which shifts the
    logits by ~5e-5 in fp32 (a train/rollout mismatch). With exact GELU, Megatron logits match transformers to fp32
@@ -21,6 +26,8 @@ Qwen3-VL-2B/4B/8B (and the MoE variants) load without code changes.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
 import torch
@@ -50,14 +57,83 @@ _GPU_FUSIONS = (
 )
 
 
+class StepImages:
+    """Each distinct image of a training step (or of a forward-only pass) through the vision tower once.
+
+    `encode` returns a micro-batch's image embeddings and deepstack features per grid row, encoding only the images
+    (by `PackedBatch.image_keys`) this step has not seen. Under autograd, every micro-batch gets leaves detached from
+    the encoding (its own backward stops there and adds into the leaves' `.grad`); `backward` then runs the tower's
+    backward once with the summed gradients. Megatron's schedule frees each micro-batch's graph after its backward,
+    so the leaves are what makes the encoding reusable by the later micro-batches (and by pipeline schedules that
+    interleave forwards and backwards). `encoded_images` counts the images encoded.
+    """
+
+    def __init__(self) -> None:
+        self._outputs: dict[str, list[torch.Tensor]] = {}  # key -> [embeddings, *deepstack features], with graph
+        self._leaves: dict[str, list[torch.Tensor]] = {}
+        self.encoded_images = 0
+
+    def encode(
+        self, tower: Qwen3VLVisionModel, pixels: torch.Tensor, grid_thw: torch.Tensor, keys: Sequence[str]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        patches = grid_thw.prod(dim=-1).tolist()
+        missing = [row for row, key in enumerate(keys) if key not in self._leaves]
+        if missing:
+            starts = [0, *itertools.accumulate(patches)]
+            if len(missing) == len(keys):
+                new_pixels, new_grid = pixels, grid_thw
+            else:
+                rows = torch.cat([torch.arange(starts[r], starts[r + 1]) for r in missing]).to(pixels.device)
+                new_pixels = pixels.index_select(0, rows)
+                new_grid = grid_thw.index_select(0, torch.tensor(missing, device=grid_thw.device))
+            embeds, deepstack = Qwen3VLVisionModel.forward(tower, hidden_states=new_pixels, grid_thw=new_grid)
+            tokens = [patches[r] // tower.spatial_merge_unit for r in missing]
+            pieces = [output.split(tokens) for output in (embeds, *deepstack)]
+            for position, row in enumerate(missing):
+                outputs = [per_output[position] for per_output in pieces]
+                self._outputs[keys[row]] = outputs
+                # fp32 leaves: the gradients of every use are summed in fp32 (as Megatron's fp32 gradient buffers
+                # summed the per-micro-batch tower gradients before), whatever the model's precision.
+                self._leaves[keys[row]] = [
+                    output.detach().float().requires_grad_(output.requires_grad) for output in outputs
+                ]
+            self.encoded_images += len(missing)
+        dtype = self._outputs[keys[0]][0].dtype
+        per_output = zip(*(self._leaves[key] for key in keys), strict=True)
+        embeds, *deepstack = [torch.cat(list(outputs)).to(dtype) for outputs in per_output]
+        return embeds, deepstack
+
+    def backward(self) -> None:
+        """The tower's backward for every encoding whose leaves received a gradient; then forget the encodings."""
+        outputs, grads = [], []
+        for key, leaves in self._leaves.items():
+            for output, leaf in zip(self._outputs[key], leaves, strict=True):
+                if leaf.grad is not None and output.requires_grad:
+                    outputs.append(output)
+                    grads.append(leaf.grad.to(output.dtype))
+        self.clear()
+        if outputs:
+            torch.autograd.backward(outputs, grads)
+
+    def clear(self) -> None:
+        self._outputs.clear()
+        self._leaves.clear()
+
+
 class SharedImageVisionModel(Qwen3VLVisionModel):
     """The bridge's vision tower, which encodes each distinct image once and hands out one copy of its merged
-    embeddings (and deepstack features) per image of the batch's sequences when `image_index` is set."""
+    embeddings (and deepstack features) per image of the batch's sequences when `image_index` is set; with a
+    `StepImages` installed and `image_keys` set, once per step."""
 
     image_index: torch.Tensor | None = None  # set by `PrismQwen3VLModel.forward` around the call
+    image_keys: Sequence[str] | None = None  # likewise
+    step_images: StepImages | None = None  # set by `step_images` around a step
 
     def forward(self, hidden_states: torch.Tensor, grid_thw: torch.Tensor, **kwargs) -> tuple:
-        embeds, deepstack = super().forward(hidden_states=hidden_states, grid_thw=grid_thw, **kwargs)
+        if self.step_images is not None and self.image_keys is not None and not kwargs:
+            embeds, deepstack = self.step_images.encode(self, hidden_states, grid_thw, self.image_keys)
+        else:
+            embeds, deepstack = super().forward(hidden_states=hidden_states, grid_thw=grid_thw, **kwargs)
         if self.image_index is None:
             return embeds, deepstack
         tokens = (grid_thw.prod(dim=-1) // self.spatial_merge_unit).tolist()
@@ -66,6 +142,22 @@ class SharedImageVisionModel(Qwen3VLVisionModel):
             embeds.device
         )
         return embeds.index_select(0, rows), [features.index_select(0, rows) for features in deepstack]
+
+
+@contextmanager
+def step_images(models: Sequence[torch.nn.Module]) -> Iterator[StepImages]:
+    """A `StepImages` serving every Qwen3-VL vision tower in `models` (any wrapping) inside the block; the caller
+    runs its `backward` before the step's gradients are reduced. Encodings are dropped on exit (the weights change)."""
+    images = StepImages()
+    towers = [module for model in models for module in model.modules() if isinstance(module, SharedImageVisionModel)]
+    for tower in towers:
+        tower.step_images = images
+    try:
+        yield images
+    finally:
+        for tower in towers:
+            tower.step_images = None
+        images.clear()
 
 
 class PrismQwen3VLModel(Qwen3VLModel):
@@ -115,19 +207,27 @@ class PrismQwen3VLModel(Qwen3VLModel):
         for merger in (self.vision_model.merger, *self.vision_model.decoder.deepstack_merger_list):
             merger.activation_func = F.gelu  # exact, as transformers' Qwen3VLVisionPatchMerger (nn.GELU())
 
-    def forward(self, *args, image_index: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        *args,
+        image_index: torch.Tensor | None = None,
+        image_keys: Sequence[str] | None = None,
+        **kwargs,
+    ):
         """The bridge's forward; `image_index` (see `data.batching.PackedBatch`) maps each image of the sequences to
-        a row of `image_grid_thw`, which then lists each distinct image once."""
+        a row of `image_grid_thw`, which then lists each distinct image once, named by `image_keys`."""
         if image_index is None or not self.pre_process:
             return super().forward(*args, **kwargs)
         if kwargs.get("position_ids") is None or self.pg_collection.cp.size() > 1:
             # Positions derived from grids, or images split over context-parallel ranks: one copy per image.
             return super().forward(*args, **_images_expanded(kwargs, image_index))
         self.vision_model.image_index = image_index
+        self.vision_model.image_keys = image_keys
         try:
             return super().forward(*args, **kwargs)
         finally:
             self.vision_model.image_index = None
+            self.vision_model.image_keys = None
 
 
 def _images_expanded(kwargs: dict, image_index: torch.Tensor) -> dict:

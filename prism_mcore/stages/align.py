@@ -17,7 +17,8 @@ Steps 2 and 4 are one pass of D: the update's forward scores every student segme
 the value head read without its dropout on those hidden states gives the eval-mode scores of step 2 (the backbone
 has no dropout; equal up to the float rounding of a different packing); only the advantage waits for them. D's
 micro-batches keep a prompt's samples together, and every micro-batch carries each distinct image once
-(`pack_sequences(share_images=True)`): the vision tower encodes it once per micro-batch.
+(`pack_sequences(share_images=True)`); over the micro-batches of a step the vision tower encodes each distinct image
+once per model and rank (`models.step_images`, inside `training.step`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ import torch
 from prism_mcore.algorithms import AlignmentAdvantageConfig, DiscriminatorLossConfig
 from prism_mcore.config.schema import Config
 from prism_mcore.data.batching import batch_for_step
+from prism_mcore.data.samples import SampleBuilder
 from prism_mcore.models import build_discriminator, build_policy, save_hf
+from prism_mcore.record import Sample
 from prism_mcore.rollout import SamplingParams
+from prism_mcore.runtime import DistEnv
 from prism_mcore.stages.context import (
     DISCRIMINATOR_HF,
     POLICY_HF,
@@ -43,7 +47,7 @@ from prism_mcore.stages.drift import model_drift, record_drift
 from prism_mcore.stages.evaluation import evaluate_splits, periodic_validation, validation, validation_params
 from prism_mcore.stages.rollouts import rollout, rollout_engine, rollout_metrics, sync_weights
 from prism_mcore.training.forward import discriminator_forward, policy_forward
-from prism_mcore.training.loop import make_trainable, run_steps
+from prism_mcore.training.loop import Trainable, make_trainable, run_steps
 from prism_mcore.training.loss_config import policy_loss_config
 from prism_mcore.training.scoring import RolloutScores, alignment_advantages
 from prism_mcore.training.sharding import (
@@ -52,9 +56,51 @@ from prism_mcore.training.sharding import (
     token_budget,
     work_counters,
 )
+from prism_mcore.training.step import ForwardStep, StepResult
 from prism_mcore.training.updates import policy_updates, split_minibatches
 
 STAGE = "align"
+
+
+def discriminator_phase(
+    builder: SampleBuilder,
+    env: DistEnv,
+    discriminator: Trainable,
+    samples: list[Sample],
+    budget: int,
+    loss_config: DiscriminatorLossConfig,
+) -> tuple[list, StepResult]:
+    """Steps 2 and 4: this rank's D micro-batches, one D step whose forward also scores every student (eval mode,
+    before the update), and those scores, clipped, set on `samples` on every rank. Returns the micro-batches and
+    the step's result."""
+    d_batches = discriminator_microbatches(builder, env, samples, budget)
+    scores = RolloutScores()
+    d_result = discriminator.step(discriminator_forward(loss_config, on_scores=scores), d_batches)
+    scores.assign(env, samples, loss_config.score_clip)
+    return d_batches, d_result
+
+
+def policy_phase(
+    builder: SampleBuilder,
+    env: DistEnv,
+    policy: Trainable,
+    policy_step: ForwardStep,
+    samples: list[Sample],
+    advantage_config: AlignmentAdvantageConfig,
+    budget: int,
+    updates: int = 1,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, list, StepResult]:
+    """Steps 3 and 5: each sample's alignment advantage from its pre-update scores, then the policy update: one
+    optimizer step (released), or `updates` steps over as many mini-batches against the log-probs before the first
+    (`training.updates`, sampled at `temperature`). Returns the advantages, this rank's micro-batches (all
+    mini-batches') and the update's result."""
+    advantages = alignment_advantages(samples, advantage_config, env)
+    for sample, advantage in zip(samples, advantages.tolist(), strict=True):
+        sample.advantage = advantage
+    minibatches = [policy_microbatches(builder, env, part, budget) for part in split_minibatches(samples, updates)]
+    result = policy_updates(policy, policy_step, minibatches, temperature)
+    return advantages, [batch for microbatches in minibatches for batch in microbatches], result
 
 
 def run(config: Config) -> None:
@@ -102,17 +148,18 @@ def run(config: Config) -> None:
             SamplingParams.from_config(config.rollout, seed=config.run.seed + step), max_new_tokens=cfg.max_new_tokens
         )
         samples = rollout(ctx, engine, batch_for_step(prompts, step, cfg.prompts_per_step, config.run.seed), params)
-        d_batches = discriminator_microbatches(ctx.builder, ctx.env, samples, budget)
-        scores = RolloutScores()
-        d_result = discriminator.step(discriminator_forward(d_loss_config, on_scores=scores), d_batches)
-        scores.assign(ctx.env, samples, cfg.score_clip)
-        advantages = alignment_advantages(samples, advantage_config, ctx.env)
-        for sample, advantage in zip(samples, advantages.tolist(), strict=True):
-            sample.advantage = advantage
-        minibatches = split_minibatches(samples, cfg.updates_per_rollout)
-        p_minibatches = [policy_microbatches(ctx.builder, ctx.env, part, budget) for part in minibatches]
-        p_result = policy_updates(policy, policy_step, p_minibatches, config.rollout.temperature)
-        p_batches = [batch for microbatches in p_minibatches for batch in microbatches]
+        d_batches, d_result = discriminator_phase(ctx.builder, ctx.env, discriminator, samples, budget, d_loss_config)
+        advantages, p_batches, p_result = policy_phase(
+            ctx.builder,
+            ctx.env,
+            policy,
+            policy_step,
+            samples,
+            advantage_config,
+            budget,
+            cfg.updates_per_rollout,
+            config.rollout.temperature,
+        )
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         caption = torch.tensor([s.caption_score for s in samples if s.format_valid] or [0.0])
         cot = torch.tensor([s.cot_score for s in samples if s.format_valid] or [0.0])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from prism_mcore.config.schema import DataConfig
-from prism_mcore.data.batching import PackedBatch, pack_sequences, token_budget_batches
+from prism_mcore.data.batching import PackedBatch, pack_sequences, step_image_count, token_budget_batches
 from prism_mcore.data.samples import SampleBuilder, SegmentPair, TokenSequence
 from prism_mcore.record import Sample
 from prism_mcore.runtime import DistEnv, gather_data_parallel
@@ -144,13 +144,14 @@ def work_counters(
     env: DistEnv, d_batches: list, d_result: StepResult, p_batches: list, p_result: StepResult
 ) -> dict[str, float]:
     """What the step computed, summed over the data-parallel ranks (`work/*`): images through the vision tower
-    (policy and D), D's packed sequences and tokens, teacher segments packed, filler micro-batches, and the share of
-    the policy's tokens that carry a loss (the only positions projected onto the vocabulary)."""
+    (policy and D: each distinct image once per model and rank, `data.batching.step_image_count`), D's packed
+    sequences and tokens, teacher segments packed, filler micro-batches, and the share of the policy's tokens that
+    carry a loss (the only positions projected onto the vocabulary)."""
     d_real = [batch for batch in d_batches if not isinstance(batch, Filler)]
     p_real = [batch for batch in p_batches if not isinstance(batch, Filler)]
     mine = torch.tensor(
         [
-            sum(batch.packed.num_images for batch in d_real + p_real),
+            step_image_count([batch.packed for batch in d_real]) + step_image_count([batch.packed for batch in p_real]),
             sum(batch.packed.num_sequences for batch in d_real),
             sum(batch.packed.num_tokens for batch in d_real),
             sum(2 * batch.num_prompts for batch in d_real),

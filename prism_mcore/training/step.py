@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
 
 from prism_mcore.config.schema import OptimConfig
+from prism_mcore.models import step_images
 
 ForwardStep = Callable[[Iterator[Any], torch.nn.Module], tuple[torch.Tensor, Callable]]
 
@@ -198,17 +199,35 @@ def _run_schedule(
     data-parallel rank runs as many as the busiest; returns every micro-batch's output, fillers' last.
 
     Packed micro-batches vary in length, so pipeline stages exchange shapes (`variable_seq_lengths`) and
-    `seq_length`/`micro_batch_size` are unused. Also returns how many fillers this rank ran."""
+    `seq_length`/`micro_batch_size` are unused. Also returns how many fillers this rank ran.
+
+    Each distinct image is encoded once over all the micro-batches (`models.step_images`); the vision tower's
+    backward for the summed gradients of its uses runs just before Megatron reduces the step's gradients."""
     microbatches = _equalized(microbatches)
-    outputs = get_forward_backward_func()(
-        forward_step_func=_with_fillers(forward_step),
-        data_iterator=iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models],
-        model=models,
-        num_microbatches=len(microbatches),
-        seq_length=0,
-        micro_batch_size=1,
-        forward_only=forward_only,
-    )
+    config = get_model_config(models[0])
+    finalize = config.finalize_model_grads_func
+    with step_images(models) as images:
+        if finalize is not None:
+
+            def encoder_backward_then_finalize(*args: Any, **kwargs: Any) -> Any:
+                images.backward()
+                return finalize(*args, **kwargs)
+
+            config.finalize_model_grads_func = encoder_backward_then_finalize
+        try:
+            outputs = get_forward_backward_func()(
+                forward_step_func=_with_fillers(forward_step),
+                data_iterator=iter(microbatches) if len(models) == 1 else [iter(microbatches) for _ in models],
+                model=models,
+                num_microbatches=len(microbatches),
+                seq_length=0,
+                micro_batch_size=1,
+                forward_only=forward_only,
+            )
+        finally:
+            config.finalize_model_grads_func = finalize
+        if not forward_only:
+            images.backward()  # a no-op after the finalize hook above; needed where nothing finalizes
     return outputs, len(microbatches) - _real_count(microbatches)
 
 

@@ -219,3 +219,34 @@ def test_right_padded_batches_pad_after_each_sequence_with_a_mask(bench) -> None
     assert batch.position_ids[1].tolist() == [[1, 11, 21], [1, 11, 0]]
     assert batch.score_indices.tolist() == [2, 1]
     assert batch.pixel_values[:, 0].tolist() == [1.0] * 4 + [4.0] * 8 and batch.image_grid_thw.shape == (3, 3)
+
+
+def test_alignment_rows_go_to_their_own_table_and_the_before_side_encodes_per_microbatch(bench, tmp_path) -> None:
+    """The align-* rows: their numbers as written (work per prompt against the reference's 6n / 2n), a table added
+    to a BENCHMARKS.md that predates it, and the "before" switch that gives `training.step` no step image cache."""
+    import prism_mcore.training.step as step_module
+    from prism_mcore.models import step_images
+
+    row = bench.AlignRow(
+        workload="align-d", n=8, prompts=4, device="CPU (2 threads)", before_ms=2000.0, after_ms=1500.0,
+        d_images_before=3.5, d_images_after=1.0, policy_images_before=2.25, policy_images_after=1.0,
+        d_sequences=20.0, d_tokens=2741.0, reference_d_tokens=6630.0,
+    )  # fmt: skip
+    assert row.ratio == 0.75
+    line = bench.format_align_row(row, run=3)
+    assert line == (
+        "| 3 | align-d | 8 | 4 | CPU (2 threads) | 2,000 | 1,500 | 0.75 | 3.5, 1 (48) | 2.25, 1 (16) | 20 (48) "
+        "| 2,741 (6,630) |"
+    )
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(bench.skeleton().replace(bench._align_section(), "") + "\n## Kernels\n")
+    run_row = {"date": "2026-12-03", "device": "CPU", "versions": "v", "command": "c", "notes": "n"}
+    assert bench.append_results(out, [], run_row, [row]) == 1
+    text = out.read_text()
+    assert text.index(bench.ALIGN_TITLE) < text.index(bench.TITLES["logprobs"]) < text.index("## Kernels")
+    assert line.replace("| 3 |", "| 1 |") in text.splitlines()
+
+    with bench.image_encoding(before=True):
+        with step_module.step_images([]) as images:
+            assert isinstance(images, bench._NoStepImages)
+    assert step_module.step_images is step_images

@@ -4,11 +4,13 @@ Six samples of two prompts (one sample format-invalid) in three micro-batches; w
 first two micro-batches and the second rank the third, so the second rank runs a zero-loss filler. Reported:
 * `reference_scores`: the old path's advantage scores, an eval-mode forward of each student segment alone before
   the update (the reference scores one sample at a time);
+* `packing_score_diff`: how far an eval-mode score moves when the same segments are packed in reverse order;
 * `scores`: the new path's, read off the update's own forward (`discriminator_forward(on_scores=...)`) and shared
   over the data-parallel ranks (`training.scoring.RolloutScores`);
 * for both update paths (`old`: every sequence carries its images, and the filler is a copy of a real
-  micro-batch; `new`: each micro-batch carries each image once, and the filler is tiny): the step's metrics, the
-  gradient norm and the updated value head.
+  micro-batch; `new`: each image is encoded once per step, its later uses get the encoding and send their
+  gradients back through one backward of the tower, and the filler is tiny): the step's metrics, the gradient norm,
+  the updated value head and the vision tower's gradient.
 """
 
 import argparse
@@ -27,7 +29,7 @@ def main() -> None:
 
     from prism_mcore.algorithms import DiscriminatorLossConfig
     from prism_mcore.config.schema import ModelConfig, OptimConfig, ParallelConfig
-    from prism_mcore.data.batching import pack_sequences
+    from prism_mcore.data.batching import pack_sequences, step_image_count
     from prism_mcore.data.samples import TokenSequence, mrope_position_ids
     from prism_mcore.models import build_discriminator, forward_kwargs, token_multiple
     from prism_mcore.record import ImageInputs
@@ -92,6 +94,15 @@ def main() -> None:
                     [pack_sequences([s]).padded_to_multiple(token_multiple(config), 0) for s in p] for p in students
                 ]
                 reference = [[model(**forward_kwargs(b))[0, b.score_indices[0], 0].item() for b in p] for p in alone]
+                # The same 12 segments in one micro-batch, in order and reversed: packing must not move a score.
+                every = [segment for pair in students for segment in pair]
+                packings = []
+                for order in (list(range(12)), list(range(12))[::-1]):
+                    packed = pack_sequences([every[i] for i in order], share_images=True)
+                    packed = packed.padded_to_multiple(token_multiple(config), 0)
+                    scores_in_order = model(**forward_kwargs(packed))[0, packed.score_indices, 0]
+                    packings.append(dict(zip(order, scores_in_order.tolist(), strict=True)))
+                result["packing_score_diff"] = max(abs(packings[0][i] - packings[1][i]) for i in range(12))
             disc.train()
             result["reference_scores"] = [
                 pair if sample.format_valid else [0.0, 0.0] for pair, sample in zip(reference, samples, strict=True)
@@ -106,9 +117,18 @@ def main() -> None:
             scores.assign(env, samples, loss_config.score_clip)
             result["scores"] = [[s.caption_score, s.cot_score] for s in samples]
             result["fillers"] = step.filler_microbatches
-            result["images"] = sum(b.packed.num_images for b in microbatches)
+            result["images"] = step_image_count([b.packed for b in microbatches if not isinstance(b, Filler)])
         head = model.language_model.output_layer.weight
-        result[path] = {"metrics": step.metrics, "grad_norm": step.grad_norm, "head": head.detach()[0].tolist()}
+        # The vision tower's gradient (this rank's shard): in the new path each image is encoded once per step
+        # and the tower's backward runs once, with the summed gradients of every micro-batch that used it.
+        vision = [p.main_grad.flatten() for _, p in sorted(model.vision_model.named_parameters())]
+        result[path] = {
+            "metrics": step.metrics,
+            "grad_norm": step.grad_norm,
+            "head": head.detach()[0].tolist(),
+            "vision_grad_norm": torch.cat(vision).norm().item(),
+            "vision_grad_head": torch.cat(vision)[:64].tolist(),
+        }
     write_rank_result(args.out, result)
     shutdown()
 

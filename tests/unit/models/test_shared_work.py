@@ -132,3 +132,55 @@ def test_tiny_fillers_run_the_losses_to_finite_values(runtime, dense_dir, moe_di
     assert torch.isfinite(numerator) and int(denominator) == 1
     assert all(bool(torch.isfinite(value).all()) for value in metrics.values())
     assert recorded[0][0].tolist() == [-1]  # a filler's scores belong to no sample
+
+
+def _step_microbatches() -> list:
+    """Three micro-batches over two distinct images A (two images per input) and B: [A, A], [text, A copy, B],
+    [B, A]."""
+    a, text, _, a_copy = _sequences()
+    other = image_text_inputs(3)
+    b = _sequence(other["input_ids"][0], ImageInputs(other["pixel_values"], other["image_grid_thw"]))
+    return [pack_sequences(group, share_images=True) for group in ([a, a], [text, a_copy, b], [b, a])]
+
+
+def test_step_images_encode_each_image_once_per_step_with_unchanged_outputs_and_gradients(runtime, dense_dir) -> None:
+    from prism_mcore.data.batching import step_image_count
+    from prism_mcore.models import step_images
+
+    policy = build_policy(FP32_SDPA, ParallelConfig(), path=dense_dir)
+    model = policy.chunks[0]
+    batches = _step_microbatches()
+    assert [b.num_images for b in batches] == [2, 4, 4]  # per micro-batch: A's two images, A and B, B and A
+    assert step_image_count(batches) == 4  # A's two images and B's two, once each
+
+    def run(flush: bool | None) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], int]:
+        """Forward and backward of every micro-batch, gradients accumulated; `flush` None: no step cache."""
+        model.zero_grad()
+        outputs, encoded = [], 0
+        with step_images([model]) if flush is not None else torch.enable_grad() as images:
+            for batch in batches:
+                targets, valid = batch.next_token_targets()
+                logprobs, _ = model(
+                    **forward_kwargs(batch),
+                    output_processor=logprobs_output_processor,
+                    output_processor_context=LogProbRequest(targets),
+                )
+                (logprobs * valid).sum().backward()
+                outputs.append(logprobs.detach())
+            if flush:
+                images.backward()
+            if flush is not None:
+                encoded = images.encoded_images
+        return outputs, _grads(model), encoded
+
+    ref_outputs, ref_grads, _ = run(None)
+    outputs, grads, encoded = run(True)
+    assert encoded == 4
+    for output, ref in zip(outputs, ref_outputs, strict=True):
+        torch.testing.assert_close(output, ref, atol=1e-5, rtol=0)
+    assert grads.keys() == ref_grads.keys() and any(name.startswith("vision_model") for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    # Without the tower's backward, the vision weights miss every gradient of the reused encodings.
+    _, unflushed, _ = run(False)
+    assert not any(name.startswith("vision_model") for name in unflushed)
