@@ -52,12 +52,11 @@ from prism_mcore.training.loss_config import policy_loss_config
 from prism_mcore.training.scoring import RolloutScores, alignment_advantages
 from prism_mcore.training.sharding import (
     discriminator_microbatches,
-    policy_microbatches,
     token_budget,
     work_counters,
 )
 from prism_mcore.training.step import ForwardStep, StepResult
-from prism_mcore.training.updates import policy_updates, split_minibatches
+from prism_mcore.training.updates import policy_minibatches, policy_updates
 
 STAGE = "align"
 
@@ -98,7 +97,7 @@ def policy_phase(
     advantages = alignment_advantages(samples, advantage_config, env)
     for sample, advantage in zip(samples, advantages.tolist(), strict=True):
         sample.advantage = advantage
-    minibatches = [policy_microbatches(builder, env, part, budget) for part in split_minibatches(samples, updates)]
+    minibatches = policy_minibatches(builder, env, samples, budget, updates)
     result = policy_updates(policy, policy_step, minibatches, temperature)
     return advantages, [batch for microbatches in minibatches for batch in microbatches], result
 

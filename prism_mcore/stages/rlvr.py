@@ -34,8 +34,8 @@ from prism_mcore.stages.rollouts import rollout, rollout_engine, rollout_metrics
 from prism_mcore.training.forward import policy_forward
 from prism_mcore.training.loop import DataExhausted, make_trainable, run_steps
 from prism_mcore.training.loss_config import policy_loss_config
-from prism_mcore.training.sharding import policy_microbatches, token_budget
-from prism_mcore.training.updates import policy_updates, split_minibatches
+from prism_mcore.training.sharding import token_budget
+from prism_mcore.training.updates import policy_minibatches, policy_updates
 
 STAGE = "rlvr"
 
@@ -168,9 +168,8 @@ def run(config: Config) -> None:
         advantages = grpo_advantage(rewards, group_ids_from_uids([s.uid for s in samples]))
         for sample, reward, advantage in zip(samples, rewards.tolist(), advantages.tolist(), strict=True):
             sample.reward, sample.advantage = reward, advantage
-        minibatches = split_minibatches(samples, cfg.updates_per_rollout)
-        p_minibatches = [policy_microbatches(ctx.builder, ctx.env, part, budget) for part in minibatches]
-        result = policy_updates(policy, policy_step, p_minibatches, config.rollout.temperature)
+        minibatches = policy_minibatches(ctx.builder, ctx.env, samples, budget, cfg.updates_per_rollout)
+        result = policy_updates(policy, policy_step, minibatches, config.rollout.temperature)
         sync_weights(ctx, policy.handle, engine, version=step + 1)
         return {
             **periodic_validation(ctx, engine, step, cfg.eval_every, val_params, drift),

@@ -24,7 +24,11 @@ from typing import Any, Protocol
 
 import torch
 
+from prism_mcore.data.samples import SampleBuilder
+from prism_mcore.record import Sample
+from prism_mcore.runtime import DistEnv
 from prism_mcore.training.forward import old_logprobs_forward
+from prism_mcore.training.sharding import policy_microbatches
 from prism_mcore.training.step import StepResult, forward_only
 
 
@@ -55,6 +59,14 @@ def split_minibatches(items: Sequence[Any], count: int) -> list[list[Any]]:
         slices.append(list(items[start : start + size]))
         start += size
     return slices
+
+
+def policy_minibatches(
+    builder: SampleBuilder, env: DistEnv, samples: list[Sample], budget: int, updates: int
+) -> list[list[Any]]:
+    """The rollout batch cut into `updates` mini-batches (`split_minibatches`), each as this rank's packed policy
+    micro-batches of at most `budget` tokens: what `policy_updates` takes."""
+    return [policy_microbatches(builder, env, part, budget) for part in split_minibatches(samples, updates)]
 
 
 def mean_result(results: Sequence[StepResult]) -> StepResult:
